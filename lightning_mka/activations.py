@@ -1,0 +1,209 @@
+"""Collect every decoder layer's output at the manifold's points in ONE forward pass (no Lightning).
+
+Points (``mode``):
+  - ``tokens``: P token positions sampled once (seeded) from all non-padding positions of the calibration set,
+    excluding position 0 (the attention sink, whose huge activations would dominate distances). The same positions
+    are used for every layer, so layer embeddings are aligned point by point;
+  - ``last``: the last non-padding token of each sequence; ``mean``: the masked mean over each sequence's tokens.
+
+The collector can also keep each layer's *input* hidden states, so that after a merge at position ``s`` only
+layers ``s..L-1`` are recomputed (the prefix is unchanged and is not run at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_mka.errors import MKAError
+from lightning_mka.surgery import per_layer_config_keys
+
+POINT_MODES = ("tokens", "last", "mean")
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    mode: str = "tokens"
+    num_points: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in POINT_MODES:
+            raise MKAError(f"unknown points mode {self.mode!r}; use one of {', '.join(POINT_MODES)}")
+        if self.num_points < 2:
+            raise MKAError(f"num_points must be >= 2, got {self.num_points}")
+
+
+def sample_token_positions(lengths: torch.Tensor, num_points: int, seed: int) -> torch.Tensor:
+    """``num_points`` distinct (sequence, position) pairs, uniform over positions ``1..length-1``, sorted.
+
+    ``lengths`` holds the number of non-padding tokens of each calibration sequence (global, all ranks).
+    """
+    usable = (lengths - 1).clamp(min=0)
+    total = int(usable.sum())
+    if num_points > total:
+        raise MKAError(
+            f"num_points={num_points} exceeds the {total} usable calibration tokens; lower num_points or add calibration data"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(total, generator=generator)[:num_points].sort().values
+    starts = torch.cumsum(usable, 0) - usable  # first flat index of each sequence
+    seq = torch.searchsorted(torch.cumsum(usable, 0), flat, right=True)
+    pos = flat - starts[seq] + 1  # +1: position 0 is never a point
+    return torch.stack([seq, pos], dim=1)
+
+
+def hidden_of(output) -> torch.Tensor:
+    """A decoder layer's hidden state, whether it returns a tensor (new transformers) or a tuple (older)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LayerPointCollector:
+    """Keeps, for every decoder layer, its output at the points: an ``L x P x H`` float32 matrix.
+
+    Args:
+        base_model: the transformer body (``model.model``), called on ``input_ids``; its ``layers`` are hooked
+            (read at every pass, so the collector follows merges that rebuild the ``ModuleList``).
+        spec: which points.
+        positions: ``(P, 2)`` global (sequence, position) pairs for ``tokens`` mode (from ``sample_token_positions``).
+        cache_inputs: keep each layer's input hidden states for suffix-only recomputation.
+    """
+
+    def __init__(self, base_model: nn.Module, spec: PointSpec, positions: torch.Tensor | None, cache_inputs: bool) -> None:
+        if spec.mode == "tokens" and positions is None:
+            raise ValueError("tokens mode needs positions")
+        self.base_model = base_model
+        self.spec = spec
+        self.positions = positions
+        self.cache_inputs = cache_inputs
+        self.inputs: list[list[torch.Tensor]] = []  # [layer][batch] -> (B, T, H)
+        self.points: list[torch.Tensor] = []  # [layer] -> (P_local, H)
+        self.point_ids: torch.Tensor | None = None  # global id of each local point
+
+    # ---- point selection per batch ------------------------------------------------------------
+
+    def _select(self, hidden: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points of one batch and their global ids."""
+        if self.spec.mode == "tokens":
+            assert self.positions is not None
+            seq = self.positions[:, 0]
+            hit = torch.isin(seq, index.cpu())
+            ids = torch.nonzero(hit).squeeze(1)
+            local_row = {int(g): r for r, g in enumerate(index.tolist())}
+            rows = torch.tensor([local_row[int(s)] for s in seq[ids]], dtype=torch.long)
+            cols = self.positions[ids, 1]
+            return hidden[rows, cols], ids
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        if self.spec.mode == "mean":
+            pts = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:  # last non-padding token
+            last = mask.long().sum(1) - 1
+            pts = hidden[torch.arange(hidden.shape[0]), last.clamp(min=0)]
+        return pts, index.cpu().long()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base_model.layers
+
+    # ---- passes ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, batches: Iterable[dict[str, torch.Tensor]], start: int = 0) -> None:
+        """One forward pass over the calibration batches, recomputing layers ``start..L-1``.
+
+        ``start > 0`` needs the inputs cached by an earlier pass; the layers before ``start`` are not run.
+        """
+        num_layers = len(self.layers)
+        if start > 0 and not (self.cache_inputs and len(self.inputs) == num_layers):
+            raise RuntimeError("suffix recomputation needs the cached inputs of a previous full pass")
+        if start == 0:
+            self.points = [torch.empty(0)] * num_layers
+            self.inputs = [[] for _ in range(num_layers)] if self.cache_inputs else []
+        new_points: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, num_layers)}
+        new_inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, num_layers)}
+        ids_all: list[torch.Tensor] = []
+        state: dict = {}
+
+        def make_hook(i: int):
+            def hook(_module, _args, output):
+                hidden = hidden_of(output)
+                if not torch.isfinite(hidden).all():
+                    raise MKAError(f"decoder layer {i} produced NaN/Inf activations; use float32 (model.dtype) or check the weights")
+                pts, ids = self._select(hidden, state["index"], state["mask"])
+                new_points[i].append(pts.float().cpu())
+                if i == start:
+                    ids_all.append(ids)
+
+            return hook
+
+        def make_pre_hook(i: int):
+            def pre_hook(_module, args, kwargs):
+                if i == start and start > 0:  # replace the (skipped) prefix's result by the cached input
+                    cached = self.inputs[i][state["batch"]]
+                    if args:
+                        args = (cached, *args[1:])
+                    else:
+                        kwargs = {**kwargs, "hidden_states": cached}
+                if self.cache_inputs:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    new_inputs[i].append(hidden.detach().clone())
+                return args, kwargs
+
+            return pre_hook
+
+        handles = []
+        for i in range(start, num_layers):
+            handles.append(self.layers[i].register_forward_hook(make_hook(i)))
+            handles.append(self.layers[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
+        original_layers = self.base_model.layers
+        config = self.base_model.config
+        per_layer = {key: getattr(config, key) for key in per_layer_config_keys(config, num_layers)}
+        try:
+            with _hooks(handles):
+                if start > 0:
+                    # Run only the suffix: the prefix is unchanged and its output is cached. Models read per-layer
+                    # config lists (layer_types) by position in the loop, so those are shifted the same way.
+                    self.base_model.layers = nn.ModuleList(list(original_layers)[start:])
+                    for key, value in per_layer.items():
+                        setattr(config, key, value[start:])
+                for b, batch in enumerate(batches):
+                    device = next(self.base_model.parameters()).device
+                    state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
+                    self.base_model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
+        finally:
+            self.base_model.layers = original_layers
+            for key, value in per_layer.items():
+                setattr(config, key, value)
+        for i in range(start, num_layers):
+            self.points[i] = torch.cat(new_points[i]) if new_points[i] else torch.empty(0)
+            if self.cache_inputs:
+                self.inputs[i] = new_inputs[i]
+        if start == 0:
+            self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
+
+    def forget_layer(self, index: int) -> None:
+        """Drop the state of a deleted layer so indices follow the new ``ModuleList``."""
+        del self.points[index]
+        if self.cache_inputs:
+            del self.inputs[index]
+
+    def matrix(self) -> torch.Tensor:
+        """The local ``L x P_local x H`` points, float32."""
+        return torch.stack(self.points)

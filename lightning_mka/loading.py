@@ -1,0 +1,76 @@
+"""Load a causal LM and its tokenizer from an asset name, a local HF dir, a ``.gguf`` file or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lightning_mka.assets import ASSETS, MODEL_ASSETS, asset_path
+from lightning_mka.errors import MKAError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise MKAError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
+
+
+def resolve_model_source(source: str) -> tuple[str, dict]:
+    """Map a model argument to ``(path_or_id, extra from_pretrained kwargs)``, with one-line errors."""
+    if not source or not isinstance(source, str):
+        raise MKAError(f"model must be an asset name ({', '.join(MODEL_ASSETS)}), a local path or a hub id, got {source!r}")
+    if source in ASSETS:
+        if source not in MODEL_ASSETS:
+            raise MKAError(f"asset {source!r} is data, not a model; model assets: {', '.join(MODEL_ASSETS)}")
+        return str(asset_path(source)), {}
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise MKAError(f"model file {source!r} is not a .gguf file; pass a .gguf file or an HF model directory")
+            return str(path.parent), {"gguf_file": path.name}
+        if not (path / "config.json").exists():
+            raise MKAError(f"model directory {source!r} has no config.json; pass a directory written by save_pretrained")
+        return str(path), {}
+    if _looks_like_path(source):
+        raise MKAError(f"model path {source!r} does not exist; pass an existing HF dir or .gguf file, or an asset name ({', '.join(MODEL_ASSETS)})")
+    if "/" not in source:
+        raise MKAError(f"unknown asset {source!r}; known model assets: {', '.join(MODEL_ASSETS)} (or pass a local path or a hub id org/name)")
+    return source, {}  # a hub id, for users who can reach a hub
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    where, extra = resolve_model_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError) as err:
+        raise MKAError(f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0]}); check the path or hub id") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, dtype: str = "float32"):
+    """The causal LM, in eval mode, on CPU, in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    where, extra = resolve_model_source(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype), **extra)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MKAError(f"cannot load model {source!r} ({first}); check that the files are complete, or re-export them") from None
+    if getattr(model, "hf_quantizer", None) is not None and extra.get("gguf_file"):
+        model.hf_quantizer = None  # GGUF is dequantized on load; the weights are plain floats
+    model.eval()
+    return model

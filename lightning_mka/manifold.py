@@ -1,0 +1,76 @@
+"""Diffusion-map embedding of one layer's points (pure function, no Lightning).
+
+Steps (Coifman & Lafon 2006), as the spec (shared/docs/mka-method.md, section 2) states them:
+squared distances -> Gaussian kernel with a median bandwidth -> density normalisation with ``alpha_density`` ->
+Markov normalisation through its symmetric conjugate -> ``eigh`` in float64 -> drop the trivial eigenvector ->
+``Psi_t = (lambda_k^t psi_k)`` for the ``embedding_dim`` leading non-trivial eigenpairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_mka.errors import MKAError
+
+
+@dataclass(frozen=True)
+class DiffusionMapConfig:
+    embedding_dim: int = 2
+    diffusion_time: float = 1.0
+    alpha_density: float = 0.5
+    bandwidth_scale: float = 1.0
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise MKAError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.diffusion_time < 0:
+            raise MKAError(f"diffusion_time must be >= 0, got {self.diffusion_time}")
+        if not 0.0 <= self.alpha_density <= 1.0:
+            raise MKAError(f"alpha_density must be in [0, 1], got {self.alpha_density}")
+        if self.bandwidth_scale <= 0:
+            raise MKAError(f"bandwidth_scale must be > 0, got {self.bandwidth_scale}")
+
+
+def squared_distances(points: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances of ``(P, H)`` points, float64, clamped at 0, exact zero diagonal."""
+    x = points.double()
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_(min=0.0)
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def diffusion_map(points: torch.Tensor, config: DiffusionMapConfig = DiffusionMapConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed ``(P, H)`` points; returns ``(embedding (P, d) float64, eigenvalues (d,))``."""
+    num_points = points.shape[0]
+    if config.embedding_dim >= num_points:
+        raise MKAError(f"embedding_dim={config.embedding_dim} must be < num_points={num_points}; lower embedding_dim or raise num_points")
+    x = points.double()
+    if config.normalize:
+        x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    d2 = squared_distances(x)
+    off_diagonal = d2[~torch.eye(num_points, dtype=torch.bool)]
+    median = off_diagonal.median()
+    if median <= 0:  # more than half the pairs coincide: fall back to the mean so the kernel stays finite
+        median = off_diagonal.mean()
+    eps = config.bandwidth_scale * (median if median > 0 else torch.tensor(1.0, dtype=torch.float64))
+    kernel = torch.exp(-d2 / eps)
+    q = kernel.sum(1)
+    kernel_a = kernel / (q[:, None] ** config.alpha_density * q[None, :] ** config.alpha_density)
+    dg = kernel_a.sum(1)
+    inv_sqrt = dg.rsqrt()
+    sym = inv_sqrt[:, None] * kernel_a * inv_sqrt[None, :]
+    sym = 0.5 * (sym + sym.T)  # exact symmetry for eigh
+    eigvals, eigvecs = torch.linalg.eigh(sym)
+    order = torch.argsort(eigvals, descending=True)
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    psi = inv_sqrt[:, None] * eigvecs  # right eigenvectors of the Markov matrix
+    d = config.embedding_dim
+    lam = eigvals[1 : d + 1]  # index 0 is the trivial eigenpair (eigenvalue 1, constant psi)
+    embedding = psi[:, 1 : d + 1] * lam.clamp(min=0.0) ** config.diffusion_time
+    # eigh's sign is arbitrary; fix it so the same points give the same embedding everywhere.
+    signs = torch.sign(embedding[embedding.abs().argmax(0), torch.arange(d)])
+    return embedding * torch.where(signs == 0, 1.0, signs), lam

@@ -1,0 +1,196 @@
+"""The MKA loop: points -> manifold features -> similarity -> pick a pair -> merge -> rescore the suffix.
+
+No Lightning here: ``MergeCallback`` drives a ``LayerMerger`` and passes it a ``gather`` function for DDP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_mka.activations import LayerPointCollector, PointSpec, sample_token_positions
+from lightning_mka.errors import MKAError
+from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
+from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity_matrix
+from lightning_mka.surgery import decoder_stack, merge_layers
+
+# gather(points (L, p_local, H), ids (p_local,)) -> (L, P, H) ordered by global point id, identical on every rank.
+Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def local_gather(points: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return points[:, ids.argsort()]
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    alpha: str | float = "similarity"
+    points: PointSpec = field(default_factory=PointSpec)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    max_distance: int = 1
+    keep_first: int = 1
+    keep_last: int = 1
+    rescore_every: int = 1
+    cache_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", parse_alpha(self.alpha))
+        for name in ("max_distance", "rescore_every"):
+            if getattr(self, name) < 1:
+                raise MKAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("keep_first", "keep_last"):
+            if getattr(self, name) < 0:
+                raise MKAError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class MergeStep:
+    """One merge, as recorded in ``merge_plan.json``."""
+
+    step: int
+    pair: tuple[int, int]  # current indices at the time of the merge (replayable)
+    pair_original: tuple[int, int]  # first original layer of each side
+    merged_original: list[int]  # all original layers now inside the kept layer
+    score: float
+    alpha: float
+    depth_after: int
+    rescored: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MergeStats:
+    full_passes: int = 0
+    suffix_passes: int = 0
+    layer_evaluations: int = 0  # decoder-layer forwards over the calibration set, all passes together
+    collect_seconds: float = 0.0
+    first_pass_seconds: float = 0.0
+    score_seconds: float = 0.0
+    merge_seconds: float = 0.0
+
+
+class LayerMerger:
+    """Merges the most similar pair of decoder layers of ``model``, one step at a time.
+
+    Args:
+        model: the causal LM (changed in place).
+        config: merge options.
+        batches: returns a fresh iterable over this rank's calibration batches (same order every call).
+        lengths: non-padding length of every calibration sequence, all ranks together (for ``tokens`` points).
+        gather: assembles the global point matrix from every rank's points (identity on one process).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MergeConfig,
+        batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
+        lengths: torch.Tensor,
+        gather: Gather = local_gather,
+    ) -> None:
+        base, layers = decoder_stack(model)
+        self.model = model
+        self.config = config
+        self.batches = batches
+        self.gather = gather
+        spec = config.points
+        num_points = spec.num_points if spec.mode == "tokens" else int(len(lengths))
+        config.similarity.check_points(num_points)
+        positions = sample_token_positions(lengths, spec.num_points, spec.seed) if spec.mode == "tokens" else None
+        self.collector = LayerPointCollector(base, spec, positions, cache_inputs=config.cache_inputs)
+        self.origins: list[list[int]] = [[i] for i in range(len(layers))]
+        self.plan: list[MergeStep] = []
+        self.similarity: torch.Tensor | None = None
+        self.similarity_history: list[torch.Tensor] = []
+        self.stats = MergeStats()
+        self._features: list = []
+        self._stale_from: int | None = 0
+        self._merges_since_rescore = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.origins)
+
+    def rescore(self) -> torch.Tensor:
+        """Recompute points and features of the layers that changed, then the similarity matrix."""
+        start = self._stale_from if self._stale_from is not None else self.depth
+        if start < self.depth or self.similarity is None:
+            if not self.config.cache_inputs:
+                start = 0
+            if self.similarity is None:
+                start = 0
+            tick = time.perf_counter()
+            self.collector.run(self.batches(), start=start)
+            seconds = time.perf_counter() - tick
+            self.stats.collect_seconds += seconds
+            if start == 0:
+                self.stats.full_passes += 1
+                if self.stats.full_passes == 1:
+                    self.stats.first_pass_seconds = seconds
+            else:
+                self.stats.suffix_passes += 1
+            self.stats.layer_evaluations += self.depth - start
+            tick = time.perf_counter()
+            assert self.collector.point_ids is not None
+            points = self.gather(self.collector.matrix(), self.collector.point_ids)
+            features = self._features[:start] + [layer_feature(points[i], self.config.similarity) for i in range(start, self.depth)]
+            self._features = features
+            self.similarity = similarity_matrix(features, self.config.similarity)
+            self.stats.score_seconds += time.perf_counter() - tick
+        self._stale_from = None
+        self._merges_since_rescore = 0
+        assert self.similarity is not None
+        return self.similarity
+
+    def step(self) -> MergeStep:
+        """Pick the most similar candidate pair, merge it into its earlier layer, and record the step."""
+        rescored = self.similarity is None or self._merges_since_rescore >= self.config.rescore_every
+        similarity = self.rescore() if rescored else self.similarity
+        assert similarity is not None
+        if rescored:
+            self.similarity_history.append(similarity.clone())
+        cfg = self.config
+        l, m, score = choose_pair(similarity, candidate_pairs(self.depth, cfg.max_distance, cfg.keep_first, cfg.keep_last))
+        alpha = merge_alpha(cfg.alpha, similarity, l, m)
+        tick = time.perf_counter()
+        merge_layers(self.model, keep=l, remove=m, alpha=alpha)
+        self.stats.merge_seconds += time.perf_counter() - tick
+        record = MergeStep(
+            step=len(self.plan) + 1,
+            pair=(l, m),
+            pair_original=(self.origins[l][0], self.origins[m][0]),
+            merged_original=sorted(self.origins[l] + self.origins[m]),
+            score=score,
+            alpha=alpha,
+            depth_after=self.depth - 1,
+            rescored=rescored,
+        )
+        self.origins[l] = record.merged_original
+        del self.origins[m]
+        self.collector.forget_layer(m)
+        del self._features[m]
+        keep = [i for i in range(similarity.shape[0]) if i != m]
+        self.similarity = similarity[keep][:, keep]
+        self._stale_from = l if self._stale_from is None else min(self._stale_from, l)
+        self._merges_since_rescore += 1
+        self.plan.append(record)
+        return record
+
+    def merge_to(self, target_depth: int, max_steps: int | None = None) -> list[MergeStep]:
+        steps = []
+        while self.depth > target_depth and (max_steps is None or len(steps) < max_steps):
+            steps.append(self.step())
+        return steps
+
+
+def replay_plan(model: nn.Module, plan: Iterable[dict]) -> None:
+    """Re-apply recorded merges (current indices and alphas) to a fresh model, e.g. before loading a checkpoint."""
+    for record in plan:
+        l, m = record["pair"]
+        merge_layers(model, keep=int(l), remove=int(m), alpha=float(record["alpha"]))

@@ -1,0 +1,189 @@
+"""``MKAModule``: a LightningModule around a Hugging Face causal LM, with held-out evaluation built in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lightning_mka.evaluation import MMLUTally, continuation_logprobs, perplexity, shifted_token_nll
+from lightning_mka.loading import load_model, parse_dtype
+from lightning_mka.merging import replay_plan
+from lightning_mka.surgery import decoder_stack
+
+
+class MKAModule(L.LightningModule):
+    """Wraps the causal LM; validation reports perplexity per held-out text and MMLU accuracy.
+
+    Metrics (logged as ``val/<name>``, and kept in ``last_metrics``):
+      ``<text>_ppl`` (exp of token NLL sum / token count, logits shifted against labels), ``<text>_tokens``,
+      ``<text>_top1_agree`` (agreement with the model's own next-token predictions before any merge),
+      ``mmlu_letter_acc`` / ``mmlu_cloze_acc`` (micro) with ``_macro`` (mean over topics) and ``mmlu_questions``.
+
+    Args:
+        model: asset name (``smollm2-135m``), local HF dir, ``.gguf`` file or hub id.
+        dtype: float32 | bfloat16 | float16 for the weights and compute.
+        learning_rate: AdamW learning rate when no ``optimizer`` is given (fine-tuning after merges).
+        optimizer: optional optimizer factory (``OptimizerCallable``); rebuilt after every merge.
+        lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        dtype: str = "float32",
+        learning_rate: float = 1e-5,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        parse_dtype(dtype)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model = load_model(model, dtype)
+        decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.merge_plan: list[dict] = []  # set by MergeCallback; replayed when a checkpoint is loaded
+        self.last_metrics: dict[str, float] = {}
+        self._reference_top1: dict[tuple[str, int], torch.Tensor] = {}
+        self._eval: dict[str, Any] = {}
+
+    # ---- forward / training ---------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
+        loss = (nll_sum / count).float()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def _val_names(self, count: int) -> list[str]:
+        trainer = self._trainer
+        names = getattr(getattr(trainer, "datamodule", None), "val_names", None) if trainer is not None else None
+        return list(names) if names and len(names) == count else [f"val{i}" for i in range(count)]
+
+    def _num_topics(self) -> int:
+        trainer = self._trainer
+        topics = getattr(getattr(trainer, "datamodule", None), "mmlu_topics", None) if trainer is not None else None
+        return max(1, len(topics or []))
+
+    def begin_evaluation(self, names: list[str]) -> None:
+        self._eval = {
+            "names": names,
+            "nll": {n: torch.zeros((), dtype=torch.float64) for n in names},
+            "tokens": {n: torch.zeros((), dtype=torch.float64) for n in names},
+            "agree": {n: torch.zeros((), dtype=torch.float64) for n in names},
+            "agree_tokens": {n: torch.zeros((), dtype=torch.float64) for n in names},
+            "mmlu": MMLUTally(self._num_topics()),
+        }
+
+    @torch.no_grad()
+    def evaluation_step(self, batch, name: str) -> None:
+        if name == "mmlu":
+            tally: MMLUTally = self._eval["mmlu"]
+            for item in batch:
+                tally.count(item.topic_id)
+                for fmt, context, choices in (
+                    ("letter", item.letter_context, item.letter_choices),
+                    ("cloze", item.cloze_context, item.cloze_choices),
+                ):
+                    scores = continuation_logprobs(self.model, context, choices)
+                    tally.add(fmt, item.topic_id, int(scores.argmax()) == item.answer)
+            return
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        nll_sum, count, predictions = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
+        self._eval["nll"][name] += nll_sum.cpu()
+        self._eval["tokens"][name] += count
+        # Agreement with the dense model: its predictions are recorded while the plan is still empty.
+        for row, index in enumerate(batch["index"].tolist()):
+            key = (name, index)
+            pred = predictions[row].cpu()
+            if key not in self._reference_top1 and not self.merge_plan:
+                self._reference_top1[key] = pred.to(torch.int32)
+            reference = self._reference_top1.get(key)
+            if reference is not None:
+                self._eval["agree"][name] += float((reference == pred).sum())
+                self._eval["agree_tokens"][name] += float(reference.numel())
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tensor
+        return trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
+
+    def end_evaluation(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name in self._eval["names"]:
+            if name == "mmlu":
+                tally: MMLUTally = self._eval["mmlu"]
+                tally.total = self._sum_over_ranks(tally.total)
+                tally.correct = {k: self._sum_over_ranks(v) for k, v in tally.correct.items()}
+                metrics.update(tally.summary())
+                continue
+            nll = float(self._sum_over_ranks(self._eval["nll"][name]))
+            tokens = float(self._sum_over_ranks(self._eval["tokens"][name]))
+            metrics[f"{name}_ppl"] = perplexity(nll, tokens)
+            metrics[f"{name}_tokens"] = tokens
+            agree_tokens = float(self._sum_over_ranks(self._eval["agree_tokens"][name]))
+            if agree_tokens:
+                metrics[f"{name}_top1_agree"] = float(self._sum_over_ranks(self._eval["agree"][name])) / agree_tokens
+        self.last_metrics = metrics
+        return metrics
+
+    def evaluate(self, dataloaders) -> dict[str, float]:
+        """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``)."""
+        loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        names = self._val_names(len(loaders))
+        was_training = self.model.training
+        self.model.eval()
+        self.begin_evaluation(names)
+        for name, loader in zip(names, loaders):
+            for batch in loader:
+                self.evaluation_step(self.transfer_batch_to_device(batch, self.device, 0) if name != "mmlu" else batch, name)
+        self.model.train(was_training)
+        return self.end_evaluation()
+
+    def on_validation_epoch_start(self) -> None:
+        loaders = self.trainer.val_dataloaders
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        self.begin_evaluation(self._val_names(count))
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation_step(batch, self._eval["names"][dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.end_evaluation()
+        if not self.trainer.sanity_checking:
+            for key, value in metrics.items():
+                self.log(f"val/{key}", value, rank_zero_only=True)
+            self.log("val/layers", float(len(decoder_stack(self.model)[1])), rank_zero_only=True)
+
+    # ---- checkpoints that survive structure changes --------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mka_merge_plan"] = list(self.merge_plan)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the module's state_dict before callbacks are restored: replay the merges first so the
+        # strict load finds the same structure.
+        plan = checkpoint.get("mka_merge_plan", [])
+        if plan and not self.merge_plan:
+            replay_plan(self.model, plan)
+            self.merge_plan = list(plan)

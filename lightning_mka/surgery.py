@@ -1,0 +1,104 @@
+"""Decoder-layer surgery on Hugging Face causal LMs (pure torch/transformers, no Lightning).
+
+``merge_layers`` writes ``theta_l <- a * theta_l + (1 - a) * theta_m`` into layer ``l`` for every floating-point
+parameter and buffer, by name, in float32, then deletes layer ``m``. ``drop_layers`` deletes layers. Both re-index
+``layer_idx`` attributes and update ``config.num_hidden_layers`` and per-layer config lists (``layer_types``)
+by the KEPT original indices, so KV-cache generation and ``save_pretrained`` / ``from_pretrained`` keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_mka.errors import MKAError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def decoder_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The transformer body and its decoder ``ModuleList``; one clear error for unsupported models."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if model_type not in SUPPORTED_ARCHITECTURES or not isinstance(layers, nn.ModuleList):
+        raise MKAError(
+            f"unsupported architecture {type(model).__name__} (model_type={model_type!r}); supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return base, layers
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_stack(model)[1])
+
+
+def _reindex(layers: nn.ModuleList) -> None:
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+
+
+def per_layer_config_keys(config, depth: int) -> list[str]:
+    """Config attributes holding one entry per decoder layer: ``layer_types`` and any other list of length ``depth``."""
+    return [
+        key
+        for key, value in vars(config).items()
+        if isinstance(value, (list, tuple)) and len(value) == depth and key != "architectures" and not key.startswith("_")
+    ]
+
+
+def _keep_layers(model: nn.Module, keep: Sequence[int]) -> None:
+    base, layers = decoder_stack(model)
+    config = model.config
+    for key in per_layer_config_keys(config, len(layers)):
+        value = getattr(config, key)
+        setattr(config, key, type(value)(value[i] for i in keep))
+    base.layers = nn.ModuleList([layers[i] for i in keep])
+    _reindex(base.layers)
+    config.num_hidden_layers = len(keep)
+
+
+def _check_index(name: str, index: int, depth: int) -> None:
+    if not 0 <= index < depth:
+        raise MKAError(f"{name}={index} is outside the model's {depth} decoder layers (0..{depth - 1})")
+
+
+@torch.no_grad()
+def merge_layers(model: nn.Module, keep: int, remove: int, alpha: float) -> None:
+    """Merge decoder layer ``remove`` into ``keep`` with ``alpha * keep + (1 - alpha) * remove``; delete ``remove``."""
+    _, layers = decoder_stack(model)
+    depth = len(layers)
+    _check_index("keep", keep, depth)
+    _check_index("remove", remove, depth)
+    if keep == remove:
+        raise MKAError(f"cannot merge layer {keep} with itself; pick two different layers")
+    if not 0.0 <= alpha <= 1.0:
+        raise MKAError(f"alpha={alpha} must be in [0, 1]")
+    target, source = layers[keep], layers[remove]
+    source_tensors = dict(source.named_parameters())
+    source_tensors.update(dict(source.named_buffers()))
+    for name, tensor in [*target.named_parameters(), *target.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        other = source_tensors.get(name)
+        if other is None or other.shape != tensor.shape:
+            raise MKAError(f"layers {keep} and {remove} differ in {name}; only identically shaped layers can be merged")
+        merged = alpha * tensor.float() + (1.0 - alpha) * other.float()
+        tensor.copy_(merged.to(tensor.dtype))
+    _keep_layers(model, [i for i in range(depth) if i != remove])
+
+
+def drop_layers(model: nn.Module, remove: Sequence[int]) -> None:
+    """Delete the given decoder layers (current indices)."""
+    _, layers = decoder_stack(model)
+    depth = len(layers)
+    for i in remove:
+        _check_index("remove", i, depth)
+    gone = set(remove)
+    if len(gone) >= depth:
+        raise MKAError(f"cannot remove all {depth} decoder layers")
+    _keep_layers(model, [i for i in range(depth) if i not in gone])

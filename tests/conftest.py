@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random models built from configs in code, and the real SmolLM2 for slow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(kind: str = "llama", layers: int = 6, **overrides):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**common)
+    elif kind == "mistral":
+        config = MistralConfig(**common, sliding_window=16)
+    elif kind == "qwen2":
+        config = Qwen2Config(**common, use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    elif kind == "qwen3":
+        config = Qwen3Config(**common, head_dim=8)
+    elif kind == "gemma3":
+        config = Gemma3TextConfig(**common, head_dim=8, sliding_window=8, sliding_window_pattern=2)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(kind: str = "llama", layers: int = 6, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, layers, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+def smollm2_available() -> bool:
+    from lightning_mka.assets import cache_dir
+
+    return (cache_dir() / "models" / "smollm2-135m" / "config.json").exists()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2 (fetched by `make test` through `lightning-mka-assets fetch`)."""
+    from lightning_mka.assets import asset_path
+
+    return asset_path("smollm2-135m")
+
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over WORDS (+ specials), built in code: no hub needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 0) -> Path:
+    """Text with structure (a random walk over the vocabulary) so layers see non-trivial inputs."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(documents):
+        steps = torch.randint(-3, 4, (words,), generator=g).cumsum(0) % len(WORDS)
+        lines.append(" ".join(WORDS[int(i)] for i in steps))
+    path.write_text("\n\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A saved tiny Llama (6 layers) with its tokenizer, loadable by name like any HF dir."""
+    out = tmp_path / "tiny-llama"
+    tiny_model("llama", layers=6).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def tiny_heldout(tmp_path) -> Path:
+    return write_corpus(tmp_path / "heldout.txt", documents=20, seed=1)
