@@ -27,27 +27,28 @@ def shifted_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_m
 def continuation_logprobs(model, context: list[int], continuations: list[list[int]]) -> torch.Tensor:
     """Log-likelihood of each continuation after ``context`` (sum over its tokens), as lm-eval scores choices.
 
-    When every continuation is one token (MMLU letters), one forward of the context suffices.
+    The context runs once; its KV cache is repeated for the continuations, which run as one right-padded batch
+    (padding at the end cannot change earlier positions under a causal mask). Single-token continuations (MMLU
+    letters) need only the context's last logits.
     """
     device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+    first = out.logits[0, -1].float().log_softmax(-1).cpu()
+    scores = torch.stack([first[c[0]] for c in continuations])
     if all(len(c) == 1 for c in continuations):
-        logits = model(input_ids=torch.tensor([context], device=device)).logits[0, -1].float()
-        logprobs = logits.log_softmax(-1)
-        return torch.stack([logprobs[c[0]] for c in continuations]).cpu()
-    seqs = [context + c for c in continuations]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
-    scores = []
-    start = len(context)
+        return scores
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    width = max(len(c) for c in continuations)
+    ids = torch.zeros(len(continuations), width, dtype=torch.long)
     for i, c in enumerate(continuations):
-        positions = torch.arange(start - 1, start - 1 + len(c))
-        scores.append(logprobs[i, positions, torch.tensor(c)].sum())
-    return torch.stack(scores)
+        ids[i, : len(c)] = torch.tensor(c)
+    mask = torch.ones(len(continuations), len(context) + width, dtype=torch.long, device=device)
+    logprobs = model(input_ids=ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True).logits.float().log_softmax(-1).cpu()
+    for i, c in enumerate(continuations):
+        if len(c) > 1:  # token j of the continuation is predicted at continuation position j - 1
+            scores[i] = scores[i] + logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum()
+    return scores
 
 
 @dataclass

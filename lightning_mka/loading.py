@@ -67,9 +67,11 @@ def load_model(source: str, dtype: str = "float32"):
     where, extra = resolve_model_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype), **extra)
-    except (OSError, ValueError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MKAError(f"cannot load model {source!r} ({first}); check that the files are complete, or re-export them") from None
+    except MKAError:
+        raise
+    except Exception as err:  # corrupt files surface as OSError, SafetensorError, struct/gguf errors...
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first}); check that the files are complete, or re-export them") from None
     if getattr(model, "hf_quantizer", None) is not None and extra.get("gguf_file"):
         model.hf_quantizer = None  # GGUF is dequantized on load; the weights are plain floats
     model.eval()

@@ -1,0 +1,121 @@
+"""The command line and the asset cache: one-line errors, exit codes, a config that round-trips."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lightning_mka import assets
+from lightning_mka.errors import MKAError
+from lightning_mka.loading import resolve_model_source
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def assert_one_line_error(proc, expected):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+
+
+def test_wrong_model_path(tmp_path):
+    proc = cli("validate", "--model.model", str(tmp_path / "nope"), cwd=tmp_path)
+    assert_one_line_error(proc, f"model path '{tmp_path / 'nope'}' does not exist")
+
+
+def test_unknown_asset_name(tmp_path):
+    proc = cli("validate", "--model.model", "smollm3-1b", cwd=tmp_path)
+    assert_one_line_error(proc, "unknown asset 'smollm3-1b'; known model assets: smollm2-135m")
+
+
+def test_empty_data_file(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = cli("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", cwd=tmp_path)
+    assert_one_line_error(proc, f"calibration source '{empty}' yielded no text")
+    assert not (tmp_path / "exports").exists()
+
+
+def test_unknown_yaml_key_is_refused(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  modle: smollm2-135m\n")
+    proc = cli("validate", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode != 0 and "modle" in proc.stderr
+
+
+def test_print_config_round_trips(tmp_path):
+    first = cli("fit", "--print_config", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "model: smollm2-135m" in first.stdout and "TensorBoardLogger" in first.stdout
+    saved = tmp_path / "config.yaml"
+    saved.write_text(first.stdout)
+    second = cli("fit", "--config", str(saved), "--print_config", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+
+
+def test_model_source_resolution(tmp_path):
+    with pytest.raises(MKAError, match="has no config.json"):
+        resolve_model_source(str(tmp_path))
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"x")
+    with pytest.raises(MKAError, match="is not a .gguf file"):
+        resolve_model_source(str(bad))
+    with pytest.raises(MKAError, match="is data, not a model"):
+        resolve_model_source("wiki")
+    assert resolve_model_source("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", {})
+
+
+def test_truncated_safetensors_is_one_clear_error(tmp_path, tiny_model_dir):
+    from lightning_mka.loading import load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MKAError, match="cannot load model"):
+        load_model(str(broken))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty asset cache with no package index reachable."""
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    return tmp_path / "cache"
+
+
+def test_missing_asset_without_registry_says_how_to_fetch(offline_cache):
+    with pytest.raises(MKAError, match=r"asset 'lee' is missing and `pip download --no-deps gensim==4.4.0` failed .*lightning-mka-assets fetch lee"):
+        assets.asset_path("lee")
+
+
+def test_corrupt_cached_file_is_never_used(offline_cache):
+    raw = offline_cache / "raw" / "lee_background.cor"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("half a download")
+    with pytest.raises(MKAError, match="is missing"):
+        assets.asset_path("lee")
+    assert not raw.exists()
+
+
+def test_verified_cached_file_is_used_offline(offline_cache):
+    source = os.path.expanduser("~/.cache/lightning_mka/raw/lee_background.cor")
+    if not os.path.exists(source):
+        pytest.skip("run `lightning-mka-assets fetch` first")
+    raw = offline_cache / "raw" / "lee_background.cor"
+    raw.parent.mkdir(parents=True)
+    shutil.copy(source, raw)
+    assert assets.asset_path("lee") == raw
+
+
+def test_unknown_asset_in_fetch_command(capsys):
+    assert assets.main(["fetch", "nope"]) == 2
+    assert "unknown asset 'nope'" in capsys.readouterr().err

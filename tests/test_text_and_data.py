@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model_dir, tiny_tokenizer  # noqa: F401
+from lightning_mka.datamodules import CalibrationDataModule
+from lightning_mka.datamodules.calibration import pack_sequences, shard_indices
+from lightning_mka.errors import MKAError
+from lightning_mka.text import (
+    Article,
+    MMLUQuestion,
+    mmlu_letter_prompt,
+    read_mmlu_jsonl,
+    split_articles,
+    split_mmlu,
+    strip_wiki_markup,
+    take_per_topic,
+)
+
+
+def test_strip_wiki_markup():
+    markup = (
+        "'''Anarchism''' is a [[political philosophy]] that {{Infobox|x={{nested}}}} advocates "
+        "[[self-governance|self-governed]] societies.<ref>Cite this</ref> See [http://x.org the site].\n"
+        "== History ==\n[[File:A.jpg|thumb|A [[caption]] here]]\n{| class=wikitable\n| cell\n|}\n* item &amp; more"
+    )
+    text = strip_wiki_markup(markup)
+    assert "Anarchism is a political philosophy that advocates self-governed societies." in text
+    assert "See the site." in text
+    for junk in ("{{", "}}", "[[", "<ref", "Cite this", "thumb", "cell", "'''", "=="):
+        assert junk not in text
+    assert "History" in text and "item & more" in text
+
+
+def test_articles_split_is_disjoint_and_fixed():
+    articles = [Article(f"t{i}", f"text {i}") for i in range(12)]
+    split = split_articles(articles)
+    titles = [{a.title for a in part} for part in split.values()]
+    assert not titles[0] & titles[1]
+    assert [a.title for a in split["heldout"]] == ["t4", "t9"]
+
+
+def write_mmlu(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def mmlu_row(topic, i, answer="A"):
+    return {"question": f"{topic} q{i}?", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", "correct_answer": answer, "topic": topic}
+
+
+def test_mmlu_reader_drops_placeholders_and_split_is_disjoint(tmp_path):
+    rows = [mmlu_row("x", i) for i in range(8)] + [mmlu_row("y", i, "B") for i in range(7)] + [mmlu_row("x", 99, "N/A")]
+    questions = read_mmlu_jsonl(write_mmlu(tmp_path / "m.jsonl", rows))
+    assert len(questions) == 15
+    split = split_mmlu(questions)
+    assert len(split["calibration"]) == 10 and len(split["evaluation"]) == 5
+    assert not {q.question for q in split["calibration"]} & {q.question for q in split["evaluation"]}
+    assert [q.question for q in take_per_topic(split["evaluation"], 2)] == ["x q5?", "x q6?", "y q5?", "y q6?"]
+
+
+def test_mmlu_letter_prompt_lm_eval_layout():
+    q = MMLUQuestion("What?", ("one", "two", "three", "four"), 2, "astronomy")
+    shot = MMLUQuestion("Shot?", ("a", "b", "c", "d"), 1, "astronomy")
+    prompt = mmlu_letter_prompt(q, [shot])
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about astronomy.\n\n"
+        "Shot?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
+        "What?\nA. one\nB. two\nC. three\nD. four\nAnswer:"
+    )
+
+
+def test_pack_sequences_fixed_length_and_eos():
+    tok = tiny_tokenizer()
+    packed = pack_sequences(["w1 w2 w3", "w4 w5"], tok, seq_len=3, num_sequences=5)
+    assert packed.tolist() == [[5, 6, 7], [2, 8, 9]]  # the trailing EOS of doc 2 does not fill a sequence
+    short = pack_sequences(["w1 w2"], tok, seq_len=10, num_sequences=2)
+    assert short.shape == (1, 3)
+    assert len(pack_sequences([""], tok, 4, 2)) == 0 or pack_sequences([""], tok, 4, 2).shape[1] <= 4
+
+
+def test_shard_indices_equal_counts():
+    shards = [shard_indices(11, r, 2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0]) & set(shards[1])
+    assert shard_indices(11, 0, 1) == list(range(11))
+
+
+def test_datamodule_local_files(tiny_model_dir, tiny_corpus, tiny_heldout):
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=6, train_samples=4, seq_len=32, batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=3)
+    data.setup("fit")
+    assert data.calibration_ids.shape == (6, 32) and data.train_ids.shape == (4, 32)
+    cal = set(map(tuple, data.calibration_ids.tolist()))
+    assert not cal & set(map(tuple, data.train_ids.tolist()))
+    batch = next(iter(data.calibration_dataloader()))
+    assert batch["input_ids"].shape == (4, 32) and batch["index"].tolist() == [0, 1, 2, 3]
+    loaders = data.val_dataloader()
+    assert len(loaders) == 1 and data.val_names == [str(tiny_heldout)]
+
+
+def test_datamodule_jsonl_source(tiny_model_dir, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": " ".join(f"w{(i * 7 + j) % 100}" for j in range(50))}) for i in range(10)))
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), calibration_samples=4, seq_len=16, eval_texts=[str(path).replace("docs", "none")], text_field="body")
+    with pytest.raises(MKAError, match="neither an asset"):
+        data.setup()
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), calibration_samples=4, seq_len=16, eval_texts=[], text_field="body")
+    data.setup()
+    assert data.calibration_ids.shape == (4, 16)
+
+
+def test_empty_calibration_file_is_one_clear_error(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(empty), eval_texts=[])
+    with pytest.raises(MKAError, match="yielded no text"):
+        data.setup()
+
+
+def test_datamodule_argument_errors(tiny_corpus):
+    with pytest.raises(MKAError, match="data.seq_len must be an integer >= 2, got 1"):
+        CalibrationDataModule(seq_len=1)
+    with pytest.raises(MKAError, match="also in data.eval_texts"):
+        CalibrationDataModule(calibration=str(tiny_corpus), eval_texts=[str(tiny_corpus)])
