@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -21,6 +22,11 @@ def shifted_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_m
     nll = F.cross_entropy(pred_logits.reshape(-1, pred_logits.shape[-1]), targets.reshape(-1), reduction="none")
     nll = nll.view_as(targets)[mask]
     return nll.double().sum(), int(mask.sum()), pred_logits.argmax(-1)
+
+
+def _cache_argument(model) -> str:
+    """transformers >= 5.24 names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -44,7 +50,8 @@ def continuation_logprobs(model, context: list[int], continuations: list[list[in
     for i, c in enumerate(continuations):
         ids[i, : len(c)] = torch.tensor(c)
     mask = torch.ones(len(continuations), len(context) + width, dtype=torch.long, device=device)
-    logprobs = model(input_ids=ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True).logits.float().log_softmax(-1).cpu()
+    cache_kwarg = {_cache_argument(model): cache}
+    logprobs = model(input_ids=ids.to(device), attention_mask=mask, use_cache=True, **cache_kwarg).logits.float().log_softmax(-1).cpu()
     for i, c in enumerate(continuations):
         if len(c) > 1:  # token j of the continuation is predicted at continuation position j - 1
             scores[i] = scores[i] + logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum()

@@ -172,8 +172,8 @@ class MKAModule(L.LightningModule):
         metrics = self.end_evaluation()
         if not self.trainer.sanity_checking:
             for key, value in metrics.items():
-                self.log(f"val/{key}", value, rank_zero_only=True)
-            self.log("val/layers", float(len(decoder_stack(self.model)[1])), rank_zero_only=True)
+                self.log(f"val/{key}", value, rank_zero_only=True, add_dataloader_idx=False)
+            self.log("val/layers", float(len(decoder_stack(self.model)[1])), rank_zero_only=True, add_dataloader_idx=False)
 
     # ---- checkpoints that survive structure changes --------------------------------------------
 

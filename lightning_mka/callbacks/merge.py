@@ -196,17 +196,22 @@ class MergeCallback(Callback):
             self._merger = self._build_merger(trainer, pl_module)
         validating = trainer.state.fn == "validate"
         history_before = len(self._merger.similarity_history)
+        budget = None if validating else self.merges_per_validation
         with torch.no_grad():
-            steps = self._merger.merge_to(self._target, max_steps=None if validating else self.merges_per_validation)
+            while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
+                tick = time.perf_counter()
+                step = self._merger.step()
+                rank_zero_info(
+                    f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
+                    f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
+                )
+                budget = None if budget is None else budget - 1
         pl_module.merge_plan = [s.to_json() for s in self._merger.plan]
-        for step in steps:
-            rank_zero_info(
-                f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
-                f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers"
-            )
         self._save_similarities(trainer, history_before)
         if validating:
             after = pl_module.evaluate(trainer.val_dataloaders)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=len(self._merger.plan))
             self._finish(trainer, pl_module, after)
         else:
             # The optimizer still points at the deleted layer's parameters: rebuild it over the new structure.

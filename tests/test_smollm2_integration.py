@@ -1,0 +1,58 @@
+"""Integration tests on the real SmolLM2-135M from the asset cache (marked slow; they run in CI)."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mka.callbacks import MergeCallback
+from lightning_mka.datamodules import CalibrationDataModule
+from lightning_mka.module import MKAModule
+from lightning_mka.surgery import decoder_stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, smollm2_dir):
+    """SmolLM2 30 -> 28 layers, training-free, on a small calibration set, exported."""
+    out = tmp_path_factory.mktemp("smollm2")
+    L.seed_everything(0)
+    module = MKAModule(model="smollm2-135m")
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=256, batch_size=4,
+                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
+    callback = MergeCallback(target_layers=28, num_points=512, export_dir=str(out / "export"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=data)
+    return module, out
+
+
+def test_dense_smollm2_loads_from_the_asset_cache(smollm2_dir):
+    module = MKAModule(model="smollm2-135m")
+    assert type(module.model).__name__ == "LlamaForCausalLM"
+    assert len(decoder_stack(module.model)[1]) == 30
+    assert module.model.config.num_key_value_heads == 3 and module.model.config.num_attention_heads == 9
+
+
+def test_merge_on_smollm2_exports_a_model_that_reloads_and_generates(compressed):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module, out = compressed
+    results = json.loads((out / "logs" / "version_0" / "results.json").read_text())
+    assert results["layers_before"] == 30 and results["layers_after"] == 28
+    before, after = results["metrics_before"]["wiki_ppl"], results["metrics_after"]["wiki_ppl"]
+    assert 5 < before < 60, before  # a working dense model on held-out Wikipedia
+    assert after > before * 0.9  # removing layers does not make it better by magic
+    model, info = AutoModelForCausalLM.from_pretrained(out / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_hidden_layers == 28
+    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    ids = tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-4)
+        cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
+        plain = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
