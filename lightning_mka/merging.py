@@ -182,6 +182,18 @@ class LayerMerger:
         self.plan.append(record)
         return record
 
+    def replay(self, records: Iterable[dict]) -> None:
+        """Re-apply recorded steps (e.g. from an interrupted run) before any scoring; the next step rescores fully."""
+        if self.similarity is not None:
+            raise RuntimeError("replay must happen before the first scoring step")
+        for record in records:
+            step = MergeStep(**{**record, "pair": tuple(record["pair"]), "pair_original": tuple(record["pair_original"])})
+            l, m = step.pair
+            merge_layers(self.model, keep=l, remove=m, alpha=step.alpha)
+            self.origins[l] = sorted(self.origins[l] + self.origins[m])
+            del self.origins[m]
+            self.plan.append(step)
+
     def merge_to(self, target_depth: int, max_steps: int | None = None) -> list[MergeStep]:
         steps = []
         while self.depth > target_depth and (max_steps is None or len(steps) < max_steps):

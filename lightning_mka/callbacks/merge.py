@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import time
 from pathlib import Path
@@ -60,6 +62,11 @@ class MergeCallback(Callback):
         cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
         export_dir: where to ``save_pretrained`` the compressed model (None: no export).
         overwrite: replace an existing ``export_dir``.
+        resume: continue an interrupted run. After every merge the plan is saved (atomically) to ``progress_file``;
+            rerunning the same command replays it and goes on, ending with the same weights as an uninterrupted
+            run. The file is removed once the export is written. A progress file from a different configuration
+            is refused.
+        progress_file: where progress is kept (default: ``<export_dir>.mka-progress.json``; none without export_dir).
     """
 
     def __init__(
@@ -86,6 +93,8 @@ class MergeCallback(Callback):
         cache_inputs: bool = True,
         export_dir: str | None = None,
         overwrite: bool = False,
+        resume: bool = True,
+        progress_file: str | None = None,
     ) -> None:
         super().__init__()
         if (target_layers is None) == (compression_ratio is None):
@@ -120,6 +129,10 @@ class MergeCallback(Callback):
         self.overwrite = overwrite
         if export_dir is not None:
             check_export_dir(export_dir, overwrite)
+        self.resume = resume
+        if progress_file is None and export_dir is not None:
+            progress_file = str(Path(export_dir).expanduser()) + ".mka-progress.json"
+        self.progress_file = Path(progress_file).expanduser() if progress_file else None
         self._target: int | None = None
         self._merger: LayerMerger | None = None
         self._before: dict[str, float] | None = None
@@ -127,6 +140,7 @@ class MergeCallback(Callback):
         self._params_before = 0
         self._started = 0.0
         self._finished = False
+        self._fingerprint = ""
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -170,7 +184,37 @@ class MergeCallback(Callback):
             for batch in datamodule.calibration_dataloader():
                 yield {k: v.to(device) if k != "index" else v for k, v in batch.items()}
 
-        return LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module))
+        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module))
+        self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
+        if self.resume and self.progress_file is not None and self.progress_file.exists():
+            progress = json.loads(self.progress_file.read_text())
+            if progress.get("fingerprint") != self._fingerprint:
+                raise MKAError(
+                    f"progress file {str(self.progress_file)!r} was written by a different configuration; delete it, or set resume: false to start over"
+                )
+            merger.replay(progress["steps"])
+            rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(progress['steps'])} merges")
+        return merger
+
+    def _configuration_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """What determines the plan: model, merge options, target, calibration data (not evaluation or export)."""
+        data = dict(getattr(trainer.datamodule, "hparams", {}))
+        calibration = {k: data.get(k) for k in ("tokenizer", "calibration", "calibration_samples", "seq_len", "batch_size", "text_field")}
+        payload = {
+            "model": pl_module.hparams.get("model"),
+            "dtype": pl_module.hparams.get("dtype"),
+            "merge": _config_json(self.config),
+            "target": self._target,
+            "data": calibration,
+            "world_size": trainer.world_size,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _write_progress(self, trainer: L.Trainer) -> None:
+        if self.progress_file is None or not trainer.is_global_zero:
+            return
+        assert self._merger is not None
+        write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]})
 
     # ---- hooks --------------------------------------------------------------------------------
 
@@ -206,6 +250,7 @@ class MergeCallback(Callback):
                     f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
                 )
                 budget = None if budget is None else budget - 1
+                self._write_progress(trainer)
         pl_module.merge_plan = [s.to_json() for s in self._merger.plan]
         self._save_similarities(trainer, history_before)
         if validating:
@@ -290,6 +335,8 @@ class MergeCallback(Callback):
                     extra_files={"mka_merge_plan.json": {"steps": plan}},
                 )
             write_json_atomic(out / "results.json", results)
+            if self.progress_file is not None:
+                self.progress_file.unlink(missing_ok=True)  # finished: nothing left to resume
             _print_summary(results, out)
         trainer.strategy.barrier("mka_finish")
 

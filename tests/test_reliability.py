@@ -1,0 +1,92 @@
+"""Bad input fails fast with one line; interrupted exports leave the previous state; inputs are never modified."""
+
+import errno
+import hashlib
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from lightning_mka.assets import cache_dir
+from lightning_mka.errors import MKAError
+from lightning_mka.export import check_export_dir, export_pretrained
+from lightning_mka.loading import load_model
+
+
+def tree_digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_disk_full_during_export_keeps_the_previous_export(tmp_path, monkeypatch):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "previous.txt").write_text("the last good export")
+    model = tiny_model("llama", layers=2)
+
+    def save_half_then_fail(directory, **kwargs):
+        (directory / "model.safetensors").write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", save_half_then_fail)
+    with pytest.raises(MKAError, match="failed \\(No space left on device\\); free space or choose another export_dir") as info:
+        export_pretrained(model, tiny_tokenizer(), target, overwrite=True)
+    assert "\n" not in str(info.value)
+    assert [p.name for p in target.iterdir()] == ["previous.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp dir left behind
+
+
+def test_export_replaces_atomically_when_overwriting(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    export_pretrained(tiny_model("llama", layers=2), tiny_tokenizer(), target, overwrite=True)
+    names = {p.name for p in target.iterdir()}
+    assert "stale.txt" not in names and "model.safetensors" in names and "config.json" in names
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_unwritable_export_dir(tmp_path, monkeypatch):
+    # (root ignores permission bits, so the check is driven through os.access)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(MKAError, match="is not writable"):
+        check_export_dir(tmp_path / "new" / "export", overwrite=False)
+
+
+def test_export_dir_that_is_a_file(tmp_path):
+    (tmp_path / "x").write_text("")
+    with pytest.raises(MKAError, match="is a file"):
+        check_export_dir(tmp_path / "x", overwrite=True)
+
+
+def test_truncated_gguf_is_one_clear_error(tmp_path):
+    gguf = cache_dir() / "raw" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists():
+        pytest.skip("run `lightning-mka-assets fetch smollm2-135m` first")
+    truncated = tmp_path / "model.gguf"
+    with open(gguf, "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    with pytest.raises(MKAError, match="cannot load model .*model.gguf") as info:
+        load_model(str(truncated))
+    assert "\n" not in str(info.value)
+
+
+def test_compression_never_modifies_the_input_model(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    from test_merge_callback import run_validate
+
+    before = tree_digest(tiny_model_dir)
+    run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "run")
+    assert tree_digest(tiny_model_dir) == before
+
+
+def test_same_config_same_metrics(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    from test_merge_callback import run_validate
+
+    first, _ = run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", export=False)
+    second, _ = run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", export=False)
+    assert first.last_metrics == second.last_metrics
+    assert first.merge_plan == second.merge_plan
