@@ -90,3 +90,78 @@ class MMLUTally:
 
 def perplexity(nll_sum: float, count: float) -> float:
     return math.exp(nll_sum / count) if count else math.nan
+
+
+class Evaluator:
+    """Accumulates held-out perplexity, top-1 agreement with a reference and MMLU accuracy over batches.
+
+    Used by ``MKAModule`` inside Lightning loops and directly by the benchmarks. Perplexity batches are dicts with
+    ``input_ids``, ``attention_mask`` and ``index`` (global sequence ids); MMLU batches are lists of ``MMLUItem``.
+
+    Args:
+        names: one name per dataloader (``mmlu`` marks the MMLU loader).
+        num_topics: MMLU topics (for macro accuracy).
+        reference_top1: ``(name, index) -> predictions`` of the reference (dense) model, shared across calls.
+        record_reference: store predictions for keys missing from ``reference_top1`` (set while the model is dense).
+        reduce: sums a tensor over ranks (identity on one process).
+    """
+
+    def __init__(self, names, num_topics: int, reference_top1: dict, record_reference: bool, reduce=lambda t: t) -> None:
+        self.names = list(names)
+        self.reference = reference_top1
+        self.record_reference = record_reference
+        self.reduce = reduce
+        zeros = lambda: {n: torch.zeros((), dtype=torch.float64) for n in self.names}  # noqa: E731
+        self.nll, self.tokens, self.agree, self.agree_tokens = zeros(), zeros(), zeros(), zeros()
+        self.mmlu = MMLUTally(max(1, num_topics))
+
+    @torch.no_grad()
+    def step(self, model, batch, name: str) -> None:
+        if name == "mmlu":
+            for item in batch:
+                self.mmlu.count(item.topic_id)
+                for fmt, context, choices in (
+                    ("letter", item.letter_context, item.letter_choices),
+                    ("cloze", item.cloze_context, item.cloze_choices),
+                ):
+                    scores = continuation_logprobs(model, context, choices)
+                    self.mmlu.add(fmt, item.topic_id, int(scores.argmax()) == item.answer)
+            return
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        nll_sum, count, predictions = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
+        self.nll[name] += nll_sum.cpu()
+        self.tokens[name] += count
+        for row, index in enumerate(batch["index"].tolist()):
+            key = (name, index)
+            pred = predictions[row].cpu()
+            if key not in self.reference and self.record_reference:
+                self.reference[key] = pred.to(torch.int32)
+            reference = self.reference.get(key)
+            if reference is not None:
+                self.agree[name] += float((reference == pred).sum())
+                self.agree_tokens[name] += float(reference.numel())
+
+    def run(self, model, loaders) -> dict[str, float]:
+        device = next(model.parameters()).device
+        for name, loader in zip(self.names, loaders):
+            for batch in loader:
+                if name != "mmlu":
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                self.step(model, batch, name)
+        return self.summary()
+
+    def summary(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name in self.names:
+            if name == "mmlu":
+                self.mmlu.total = self.reduce(self.mmlu.total)
+                self.mmlu.correct = {k: self.reduce(v) for k, v in self.mmlu.correct.items()}
+                metrics.update(self.mmlu.summary())
+                continue
+            tokens = float(self.reduce(self.tokens[name]))
+            metrics[f"{name}_ppl"] = perplexity(float(self.reduce(self.nll[name])), tokens)
+            metrics[f"{name}_tokens"] = tokens
+            agree_tokens = float(self.reduce(self.agree_tokens[name]))
+            if agree_tokens:
+                metrics[f"{name}_top1_agree"] = float(self.reduce(self.agree[name])) / agree_tokens
+        return metrics

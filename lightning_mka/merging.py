@@ -16,7 +16,7 @@ from lightning_mka.activations import LayerPointCollector, PointSpec, sample_tok
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
 from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity_matrix
-from lightning_mka.surgery import decoder_stack, merge_layers
+from lightning_mka.surgery import decoder_stack, drop_layers, merge_layers
 
 # gather(points (L, p_local, H), ids (p_local,)) -> (L, P, H) ordered by global point id, identical on every rank.
 Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,6 +59,7 @@ class MergeStep:
     alpha: float
     depth_after: int
     rescored: bool
+    op: str = "merge"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,7 +203,10 @@ class LayerMerger:
 
 
 def replay_plan(model: nn.Module, plan: Iterable[dict]) -> None:
-    """Re-apply recorded merges (current indices and alphas) to a fresh model, e.g. before loading a checkpoint."""
+    """Re-apply recorded merges and drops (current indices) to a fresh model, e.g. before loading a checkpoint."""
     for record in plan:
+        if record.get("op", "merge") == "drop":
+            drop_layers(model, [int(i) for i in record["remove"]])
+            continue
         l, m = record["pair"]
         merge_layers(model, keep=int(l), remove=int(m), alpha=float(record["alpha"]))

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_mka.evaluation import MMLUTally, continuation_logprobs, perplexity, shifted_token_nll
+from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.loading import load_model, parse_dtype
 from lightning_mka.merging import replay_plan
 from lightning_mka.surgery import decoder_stack
@@ -48,7 +48,7 @@ class MKAModule(L.LightningModule):
         self.merge_plan: list[dict] = []  # set by MergeCallback; replayed when a checkpoint is loaded
         self.last_metrics: dict[str, float] = {}
         self._reference_top1: dict[tuple[str, int], torch.Tensor] = {}
-        self._eval: dict[str, Any] = {}
+        self._evaluator: Evaluator | None = None
 
     # ---- forward / training ---------------------------------------------------------------------
 
@@ -84,92 +84,37 @@ class MKAModule(L.LightningModule):
         topics = getattr(getattr(trainer, "datamodule", None), "mmlu_topics", None) if trainer is not None else None
         return max(1, len(topics or []))
 
-    def begin_evaluation(self, names: list[str]) -> None:
-        self._eval = {
-            "names": names,
-            "nll": {n: torch.zeros((), dtype=torch.float64) for n in names},
-            "tokens": {n: torch.zeros((), dtype=torch.float64) for n in names},
-            "agree": {n: torch.zeros((), dtype=torch.float64) for n in names},
-            "agree_tokens": {n: torch.zeros((), dtype=torch.float64) for n in names},
-            "mmlu": MMLUTally(self._num_topics()),
-        }
-
-    @torch.no_grad()
-    def evaluation_step(self, batch, name: str) -> None:
-        if name == "mmlu":
-            tally: MMLUTally = self._eval["mmlu"]
-            for item in batch:
-                tally.count(item.topic_id)
-                for fmt, context, choices in (
-                    ("letter", item.letter_context, item.letter_choices),
-                    ("cloze", item.cloze_context, item.cloze_choices),
-                ):
-                    scores = continuation_logprobs(self.model, context, choices)
-                    tally.add(fmt, item.topic_id, int(scores.argmax()) == item.answer)
-            return
-        logits = self(batch["input_ids"], batch["attention_mask"]).logits
-        nll_sum, count, predictions = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
-        self._eval["nll"][name] += nll_sum.cpu()
-        self._eval["tokens"][name] += count
-        # Agreement with the dense model: its predictions are recorded while the plan is still empty.
-        for row, index in enumerate(batch["index"].tolist()):
-            key = (name, index)
-            pred = predictions[row].cpu()
-            if key not in self._reference_top1 and not self.merge_plan:
-                self._reference_top1[key] = pred.to(torch.int32)
-            reference = self._reference_top1.get(key)
-            if reference is not None:
-                self._eval["agree"][name] += float((reference == pred).sum())
-                self._eval["agree_tokens"][name] += float(reference.numel())
-
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return tensor
         return trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
 
-    def end_evaluation(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for name in self._eval["names"]:
-            if name == "mmlu":
-                tally: MMLUTally = self._eval["mmlu"]
-                tally.total = self._sum_over_ranks(tally.total)
-                tally.correct = {k: self._sum_over_ranks(v) for k, v in tally.correct.items()}
-                metrics.update(tally.summary())
-                continue
-            nll = float(self._sum_over_ranks(self._eval["nll"][name]))
-            tokens = float(self._sum_over_ranks(self._eval["tokens"][name]))
-            metrics[f"{name}_ppl"] = perplexity(nll, tokens)
-            metrics[f"{name}_tokens"] = tokens
-            agree_tokens = float(self._sum_over_ranks(self._eval["agree_tokens"][name]))
-            if agree_tokens:
-                metrics[f"{name}_top1_agree"] = float(self._sum_over_ranks(self._eval["agree"][name])) / agree_tokens
-        self.last_metrics = metrics
-        return metrics
+    def _new_evaluator(self, names: list[str]) -> Evaluator:
+        # Agreement is measured against the model's own predictions recorded while no merge has happened yet.
+        return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks)
 
     def evaluate(self, dataloaders) -> dict[str, float]:
         """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``)."""
         loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        names = self._val_names(len(loaders))
         was_training = self.model.training
         self.model.eval()
-        self.begin_evaluation(names)
-        for name, loader in zip(names, loaders):
-            for batch in loader:
-                self.evaluation_step(self.transfer_batch_to_device(batch, self.device, 0) if name != "mmlu" else batch, name)
+        self.last_metrics = self._new_evaluator(self._val_names(len(loaders))).run(self.model, loaders)
         self.model.train(was_training)
-        return self.end_evaluation()
+        return self.last_metrics
 
     def on_validation_epoch_start(self) -> None:
         loaders = self.trainer.val_dataloaders
         count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
-        self.begin_evaluation(self._val_names(count))
+        self._evaluator = self._new_evaluator(self._val_names(count))
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluation_step(batch, self._eval["names"][dataloader_idx])
+        assert self._evaluator is not None
+        self._evaluator.step(self.model, batch, self._evaluator.names[dataloader_idx])
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.end_evaluation()
+        assert self._evaluator is not None
+        metrics = self.last_metrics = self._evaluator.summary()
         if not self.trainer.sanity_checking:
             for key, value in metrics.items():
                 self.log(f"val/{key}", value, rank_zero_only=True, add_dataloader_idx=False)

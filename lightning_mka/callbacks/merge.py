@@ -16,13 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_mka.activations import PointSpec
+from lightning_mka.baselines import angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.manifold import DiffusionMapConfig
-from lightning_mka.merging import LayerMerger, MergeConfig, local_gather
+from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
 from lightning_mka.similarity import SimilarityConfig
-from lightning_mka.surgery import num_layers
+from lightning_mka.surgery import decoder_stack, drop_layers, num_layers
 
 
 def peak_rss_mb() -> float:
@@ -48,6 +49,8 @@ class MergeCallback(Callback):
     Args:
         target_layers: final number of decoder layers; or
         compression_ratio: fraction of layers to remove (30 layers, 0.3 -> 21). Exactly one of the two.
+        method: ``mka`` (merge) or a drop baseline on the same data: ``tail`` | ``shortgpt`` | ``angular`` | ``random``
+            (one-shot, from one pass of statistics; see ``lightning_mka.baselines``).
         alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | float.
         points: ``tokens`` (P seeded token positions, never position 0) | ``last`` | ``mean``.
         num_points: P for ``tokens``.
@@ -73,6 +76,7 @@ class MergeCallback(Callback):
         self,
         target_layers: int | None = None,
         compression_ratio: float | None = None,
+        method: str = "mka",
         alpha: str | float = "similarity",
         points: str = "tokens",
         num_points: int = 1024,
@@ -103,6 +107,7 @@ class MergeCallback(Callback):
             raise MKAError(f"compression_ratio={compression_ratio} must be in (0, 1): the fraction of layers to remove")
         if target_layers is not None and target_layers < 1:
             raise MKAError(f"target_layers={target_layers} must be >= 1")
+        self.method = check_method(method)
         if merges_per_validation < 1:
             raise MKAError(f"merges_per_validation must be >= 1, got {merges_per_validation}")
         self.config = MergeConfig(
@@ -135,6 +140,8 @@ class MergeCallback(Callback):
         self.progress_file = Path(progress_file).expanduser() if progress_file else None
         self._target: int | None = None
         self._merger: LayerMerger | None = None
+        self._plan: list[dict] = []
+        self._stats = MergeStats()
         self._before: dict[str, float] | None = None
         self._layers_before = 0
         self._params_before = 0
@@ -236,40 +243,72 @@ class MergeCallback(Callback):
         assert self._target is not None
         if num_layers(pl_module.model) <= self._target:
             return
-        if self._merger is None:
-            self._merger = self._build_merger(trainer, pl_module)
         validating = trainer.state.fn == "validate"
-        history_before = len(self._merger.similarity_history)
-        budget = None if validating else self.merges_per_validation
         with torch.no_grad():
-            while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
-                tick = time.perf_counter()
-                step = self._merger.step()
-                rank_zero_info(
-                    f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
-                    f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
-                )
-                budget = None if budget is None else budget - 1
-                self._write_progress(trainer)
-        pl_module.merge_plan = [s.to_json() for s in self._merger.plan]
-        self._save_similarities(trainer, history_before)
+            if self.method == "mka":
+                self._merge(trainer, pl_module, budget=None if validating else self.merges_per_validation)
+            else:
+                self._drop(trainer, pl_module)
+        pl_module.merge_plan = list(self._plan)
         if validating:
             after = pl_module.evaluate(trainer.val_dataloaders)
             if trainer.logger is not None:
-                trainer.logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=len(self._merger.plan))
+                trainer.logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=len(self._plan))
             self._finish(trainer, pl_module, after)
         else:
             # The optimizer still points at the deleted layer's parameters: rebuild it over the new structure.
             trainer.strategy.setup_optimizers(trainer)
 
+    def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule, budget: int | None) -> None:
+        if self._merger is None:
+            self._merger = self._build_merger(trainer, pl_module)
+            self._stats = self._merger.stats
+            self._plan = [s.to_json() for s in self._merger.plan]  # replayed steps when resuming
+        history_before = len(self._merger.similarity_history)
+        while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
+            tick = time.perf_counter()
+            step = self._merger.step()
+            rank_zero_info(
+                f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
+                f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
+            )
+            budget = None if budget is None else budget - 1
+            self._plan = [s.to_json() for s in self._merger.plan]
+            self._write_progress(trainer)
+        self._save_similarities(trainer, history_before)
+
+    def _drop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A drop baseline: one pass of statistics, then remove ``depth - target`` layers at once."""
+        if trainer.world_size > 1:
+            raise MKAError(f"method {self.method!r} runs on one process; use method: mka for DDP, or devices: 1")
+        depth = num_layers(pl_module.model)
+        tick = time.perf_counter()
+        stats = None
+        if self.method in ("shortgpt", "angular"):
+            datamodule = trainer.datamodule
+            datamodule.setup("validate")
+            base, _ = decoder_stack(pl_module.model)
+            stats = collect_drop_statistics(base, datamodule.calibration_dataloader())
+            self._stats.full_passes = 1
+            self._stats.first_pass_seconds = self._stats.collect_seconds = time.perf_counter() - tick
+        remove = select_layers_to_drop(self.method, depth, depth - self._target, stats, self.config.keep_first, self.config.keep_last, self.config.points.seed)
+        record: dict[str, Any] = {"step": 1, "op": "drop", "method": self.method, "remove": remove, "depth_after": depth - len(remove)}
+        if stats is not None and self.method == "shortgpt":
+            record["block_influence"] = [round(float(v), 6) for v in stats.block_influence]
+        if stats is not None and self.method == "angular":
+            record["angular_distance"] = float(angular_distances(stats.last_states, len(remove))[remove[0]])
+        drop_layers(pl_module.model, remove)
+        self._plan = [record]
+        rank_zero_info(f"[mka] {self.method}: dropped layers {remove} -> {record['depth_after']} layers ({time.perf_counter() - tick:.1f} s)")
+
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._merger is not None and not self._finished:
+        if self._plan and not self._finished:
             self._finish(trainer, pl_module, dict(pl_module.last_metrics))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": [s.to_json() for s in self._merger.plan] if self._merger else [], "before": self._before}
+        return {"plan": list(self._plan), "before": self._before}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -296,13 +335,13 @@ class MergeCallback(Callback):
             plt.close(figure)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, after: dict[str, float]) -> None:
-        assert self._merger is not None
         self._finished = True
-        stats = self._merger.stats
+        stats = self._stats
         compression_seconds = stats.collect_seconds + stats.score_seconds + stats.merge_seconds
-        plan = [s.to_json() for s in self._merger.plan]
+        plan = list(self._plan)
         results = {
             "model": pl_module.hparams.get("model"),
+            "method": self.method,
             "layers_before": self._layers_before,
             "layers_after": num_layers(pl_module.model),
             "params_before": self._params_before,
@@ -325,7 +364,9 @@ class MergeCallback(Callback):
         }
         if trainer.is_global_zero:
             out = self._output_dir(trainer)
-            write_json_atomic(out / "merge_plan.json", {"target_layers": self._target, "config": _config_json(self.config), "steps": plan})
+            write_json_atomic(
+                out / "merge_plan.json", {"method": self.method, "target_layers": self._target, "config": _config_json(self.config), "steps": plan}
+            )
             if self.export_dir:
                 export_pretrained(
                     pl_module.model,
@@ -365,11 +406,12 @@ def _heatmap(matrix: torch.Tensor, title: str):
 
 def _print_summary(results: dict, out: Path) -> None:
     before, after = results["metrics_before"], results["metrics_after"]
-    lines = [
-        f"[mka] layers {results['layers_before']} -> {results['layers_after']}, parameters {results['params_before']:,} -> {results['params_after']:,}",
-        "[mka] plan (original layers merged): "
-        + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, a={s['alpha']:.2f})" for s in results["merge_plan"]),
-    ]
+    lines = [f"[mka] {results['method']}: layers {results['layers_before']} -> {results['layers_after']}, parameters {results['params_before']:,} -> {results['params_after']:,}"]
+    steps = results["merge_plan"]
+    if steps and steps[0].get("op") == "drop":
+        lines.append(f"[mka] plan: dropped original layers {steps[0]['remove']}")
+    else:
+        lines.append("[mka] plan (original layers merged): " + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, a={s['alpha']:.2f})" for s in steps))
     for key in sorted(set(before) | set(after)):
         if key.endswith(("_ppl", "_acc", "_acc_macro", "_top1_agree")):
             b, a = before.get(key), after.get(key)
