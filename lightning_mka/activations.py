@@ -71,6 +71,37 @@ def _hooks(handles: list):
             h.remove()
 
 
+@contextmanager
+def suffix_only(base_model: nn.Module, start: int, cached_input):
+    """Make ``base_model`` run only decoder layers ``start..L-1``, feeding ``cached_input()`` to layer ``start``.
+
+    The prefix is not run at all (its output is cached). Models read per-layer config lists (``layer_types``) by
+    position in their loop, so those are shifted the same way for the duration.
+    """
+    if start == 0:
+        yield
+        return
+    layers = base_model.layers
+    config = base_model.config
+    per_layer = {key: getattr(config, key) for key in per_layer_config_keys(config, len(layers))}
+
+    def inject(_module, args, kwargs):
+        cached = cached_input()
+        return ((cached, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": cached})
+
+    handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)  # before any other hook
+    base_model.layers = nn.ModuleList(list(layers)[start:])
+    for key, value in per_layer.items():
+        setattr(config, key, value[start:])
+    try:
+        yield
+    finally:
+        handle.remove()
+        base_model.layers = layers
+        for key, value in per_layer.items():
+            setattr(config, key, value)
+
+
 class LayerPointCollector:
     """Keeps, for every decoder layer, its output at the points: an ``L x P x H`` float32 matrix.
 
@@ -151,46 +182,25 @@ class LayerPointCollector:
 
         def make_pre_hook(i: int):
             def pre_hook(_module, args, kwargs):
-                if i == start and start > 0:  # replace the (skipped) prefix's result by the cached input
-                    cached = self.inputs[i][state["batch"]]
-                    if args:
-                        args = (cached, *args[1:])
-                    else:
-                        kwargs = {**kwargs, "hidden_states": cached}
-                if self.cache_inputs:
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    new_inputs[i].append(hidden.detach().clone())
-                return args, kwargs
+                hidden = args[0] if args else kwargs["hidden_states"]
+                new_inputs[i].append(hidden.detach().clone())
 
             return pre_hook
 
         handles = []
         for i in range(start, num_layers):
             handles.append(self.layers[i].register_forward_hook(make_hook(i)))
-            handles.append(self.layers[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
-        original_layers = self.base_model.layers
-        config = self.base_model.config
-        per_layer = {key: getattr(config, key) for key in per_layer_config_keys(config, num_layers)}
-        try:
-            with _hooks(handles):
-                if start > 0:
-                    # Run only the suffix: the prefix is unchanged and its output is cached. Models read per-layer
-                    # config lists (layer_types) by position in the loop, so those are shifted the same way.
-                    self.base_model.layers = nn.ModuleList(list(original_layers)[start:])
-                    for key, value in per_layer.items():
-                        setattr(config, key, value[start:])
-                for b, batch in enumerate(batches):
-                    device = next(self.base_model.parameters()).device
-                    state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
-                    self.base_model(
-                        input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False,
-                    )
-        finally:
-            self.base_model.layers = original_layers
-            for key, value in per_layer.items():
-                setattr(config, key, value)
+            if self.cache_inputs:
+                handles.append(self.layers[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
+        with suffix_only(self.base_model, start, lambda: self.inputs[start][state["batch"]]), _hooks(handles):
+            device = next(self.base_model.parameters()).device
+            for b, batch in enumerate(batches):
+                state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
+                self.base_model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                )
         for i in range(start, num_layers):
             self.points[i] = torch.cat(new_points[i]) if new_points[i] else torch.empty(0)
             if self.cache_inputs:

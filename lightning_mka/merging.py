@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_mka.activations import LayerPointCollector, PointSpec, sample_token_positions
+from lightning_mka.activations import LayerPointCollector, PointSpec, sample_token_positions, suffix_only
+from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
 from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity_matrix
-from lightning_mka.surgery import decoder_stack, drop_layers, merge_layers
+from lightning_mka.surgery import decoder_stack, drop_layers, merge_layers, merged_temporarily
 
 # gather(points (L, p_local, H), ids (p_local,)) -> (L, P, H) ordered by global point id, identical on every rank.
 Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,8 +27,21 @@ def local_gather(points: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return points[:, ids.argsort()]
 
 
+SELECTIONS = ("similarity", "verify")
+DEFAULT_ALPHA_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
 @dataclass(frozen=True)
 class MergeConfig:
+    """Merge options; the defaults are the spec's (paper) reading.
+
+    Extensions beyond the paper (off by default):
+      - ``alpha="search"``: try every ``a`` in ``alpha_grid`` (1 and 0 drop one of the two layers) and keep the one with
+        the lowest NLL on the first ``verify_batches`` calibration batches;
+      - ``selection="verify"``: merge each of the ``verify_top`` most similar candidate pairs tentatively and keep the
+        one whose merge gives the lowest calibration NLL. Both recompute only the suffix from the pair on.
+    """
+
     alpha: str | float = "similarity"
     points: PointSpec = field(default_factory=PointSpec)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
@@ -36,12 +50,27 @@ class MergeConfig:
     keep_last: int = 1
     rescore_every: int = 1
     cache_inputs: bool = True
+    selection: str = "similarity"
+    verify_top: int = 3
+    verify_batches: int = 1
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+
+    @property
+    def uses_nll(self) -> bool:
+        return self.alpha == "search" or self.selection == "verify"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", parse_alpha(self.alpha))
-        for name in ("max_distance", "rescore_every"):
+        object.__setattr__(self, "alpha_grid", tuple(float(parse_alpha(a)) for a in self.alpha_grid))
+        if self.selection not in SELECTIONS:
+            raise MKAError(f"unknown selection {self.selection!r}; use one of {', '.join(SELECTIONS)}")
+        for name in ("max_distance", "rescore_every", "verify_top", "verify_batches"):
             if getattr(self, name) < 1:
                 raise MKAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.alpha_grid:
+            raise MKAError("alpha_grid must hold at least one value in [0, 1]")
+        if self.uses_nll and (self.rescore_every != 1 or not self.cache_inputs):
+            raise MKAError("alpha: search and selection: verify score merges on fresh cached inputs; use rescore_every: 1 and cache_inputs: true")
         for name in ("keep_first", "keep_last"):
             if getattr(self, name) < 0:
                 raise MKAError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -60,6 +89,7 @@ class MergeStep:
     depth_after: int
     rescored: bool
     op: str = "merge"
+    calibration_nll: float | None = None  # mean token NLL on the verification slice (search / verify only)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -94,12 +124,14 @@ class LayerMerger:
         batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
         lengths: torch.Tensor,
         gather: Gather = local_gather,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     ) -> None:
         base, layers = decoder_stack(model)
         self.model = model
         self.config = config
         self.batches = batches
         self.gather = gather
+        self.reduce = reduce
         spec = config.points
         num_points = spec.num_points if spec.mode == "tokens" else int(len(lengths))
         config.similarity.check_points(num_points)
@@ -157,8 +189,14 @@ class LayerMerger:
         if rescored:
             self.similarity_history.append(similarity.clone())
         cfg = self.config
-        l, m, score = choose_pair(similarity, candidate_pairs(self.depth, cfg.max_distance, cfg.keep_first, cfg.keep_last))
-        alpha = merge_alpha(cfg.alpha, similarity, l, m)
+        candidates = candidate_pairs(self.depth, cfg.max_distance, cfg.keep_first, cfg.keep_last)
+        l, m, score = choose_pair(similarity, candidates)
+        nll = None
+        if cfg.uses_nll:
+            l, m, alpha, nll = self._verified_choice(similarity, candidates)
+            score = float(similarity[l, m])
+        else:
+            alpha = merge_alpha(cfg.alpha, similarity, l, m)
         tick = time.perf_counter()
         merge_layers(self.model, keep=l, remove=m, alpha=alpha)
         self.stats.merge_seconds += time.perf_counter() - tick
@@ -171,6 +209,7 @@ class LayerMerger:
             alpha=alpha,
             depth_after=self.depth - 1,
             rescored=rescored,
+            calibration_nll=nll,
         )
         self.origins[l] = record.merged_original
         del self.origins[m]
@@ -183,12 +222,50 @@ class LayerMerger:
         self.plan.append(record)
         return record
 
+    def _verified_choice(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> tuple[int, int, float, float]:
+        """Among the candidates to verify, the (pair, alpha) whose tentative merge gives the lowest calibration NLL."""
+        cfg = self.config
+        ranked = sorted(candidates, key=lambda p: (-float(similarity[p[0], p[1]]), p[0], p[1]))
+        pool = ranked[: cfg.verify_top] if cfg.selection == "verify" else ranked[:1]
+        best: tuple[float, int, int, float] | None = None
+        for l, m in pool:
+            alphas = cfg.alpha_grid if cfg.alpha == "search" else (merge_alpha(cfg.alpha, similarity, l, m),)
+            for alpha in alphas:
+                with merged_temporarily(self.model, l, m, alpha):
+                    nll = self._slice_nll(start=l)
+                if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
+                    best = (nll, l, m, alpha)
+        assert best is not None
+        nll, l, m, alpha = best
+        return l, m, alpha, nll
+
+    @torch.no_grad()
+    def _slice_nll(self, start: int) -> float:
+        """Mean next-token NLL of the model on the first ``verify_batches`` calibration batches, running only the
+        layers from ``start`` on (their input is cached and unchanged by a merge at ``start``)."""
+        base, _ = decoder_stack(self.model)
+        device = next(self.model.parameters()).device
+        total = torch.zeros(2, dtype=torch.float64)
+        state = {"batch": 0}
+        with suffix_only(base, start, lambda: self.collector.inputs[start][state["batch"]]):
+            for b, batch in enumerate(self.batches()):
+                if b >= self.config.verify_batches:
+                    break
+                state["batch"] = b
+                logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+                nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                total += torch.tensor([float(nll_sum), float(count)], dtype=torch.float64)
+        total = self.reduce(total)
+        return float(total[0] / total[1])
+
     def replay(self, records: Iterable[dict]) -> None:
         """Re-apply recorded steps (e.g. from an interrupted run) before any scoring; the next step rescores fully."""
         if self.similarity is not None:
             raise RuntimeError("replay must happen before the first scoring step")
         for record in records:
             step = MergeStep(**{**record, "pair": tuple(record["pair"]), "pair_original": tuple(record["pair_original"])})
+            if step.op != "merge":
+                raise MKAError(f"cannot resume: step {step.step} is a {step.op!r}, not a merge")
             l, m = step.pair
             merge_layers(self.model, keep=l, remove=m, alpha=step.alpha)
             self.origins[l] = sorted(self.origins[l] + self.origins[m])

@@ -8,19 +8,19 @@ import torch
 
 from lightning_mka.errors import MKAError
 
-ALPHA_MODES = ("similarity", "official")
+ALPHA_MODES = ("similarity", "official", "search")
 SIMILARITY_ALPHA_RANGE = (0.05, 0.95)
 
 
 def parse_alpha(value: str | float) -> str | float:
-    """``similarity`` | ``official`` | a float in [0, 1] (strings holding numbers are accepted from YAML/CLI)."""
+    """``similarity`` | ``official`` | ``search`` | a float in [0, 1] (numeric strings are accepted from YAML/CLI)."""
     if isinstance(value, str) and value not in ALPHA_MODES:
         try:
             value = float(value)
         except ValueError:
-            raise MKAError(f"unknown alpha {value!r}; use similarity, official or a number in [0, 1]") from None
+            raise MKAError(f"unknown alpha {value!r}; use similarity, official, search or a number in [0, 1]") from None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise MKAError(f"alpha must be similarity, official or a number in [0, 1], got {value!r}")
+        raise MKAError(f"alpha must be similarity, official, search or a number in [0, 1], got {value!r}")
     if not isinstance(value, str) and not (0.0 <= float(value) <= 1.0 and math.isfinite(value)):
         raise MKAError(f"alpha={value} is outside [0, 1]; use a weight between 0 (keep the later layer) and 1 (keep the earlier)")
     return value if isinstance(value, str) else float(value)
@@ -72,6 +72,7 @@ def merge_alpha(mode: str | float, similarity: torch.Tensor, l: int, m: int) -> 
     - ``similarity`` (the paper): ``a = S_lm`` clamped to [0.05, 0.95];
     - ``official`` (the public script's heuristic): ``s_i`` = row mean of S, ``a = sigmoid(s_l / (s_l + s_m))``;
     - a float: that value.
+    (``search`` is resolved by ``LayerMerger``, which tries a grid of values on calibration NLL.)
     """
     if mode == "similarity":
         low, high = SIMILARITY_ALPHA_RANGE
@@ -81,4 +82,6 @@ def merge_alpha(mode: str | float, similarity: torch.Tensor, l: int, m: int) -> 
         s_l, s_m = float(row_mean[l]), float(row_mean[m])
         ratio = s_l / (s_l + s_m) if s_l + s_m != 0 else 0.5
         return 1.0 / (1.0 + math.exp(-ratio))
+    if mode == "search":
+        raise ValueError("alpha 'search' is resolved by LayerMerger on calibration NLL")
     return float(mode)

@@ -8,7 +8,8 @@ by the KEPT original indices, so KV-cache generation and ``save_pretrained`` / `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -102,3 +103,23 @@ def drop_layers(model: nn.Module, remove: Sequence[int]) -> None:
     if len(gone) >= depth:
         raise MKAError(f"cannot remove all {depth} decoder layers")
     _keep_layers(model, [i for i in range(depth) if i not in gone])
+
+
+@contextmanager
+def merged_temporarily(model: nn.Module, keep: int, remove: int, alpha: float) -> Iterator[None]:
+    """``merge_layers`` for the duration of the block, then the exact previous model (weights, layers, config)."""
+    base, layers = decoder_stack(model)
+    config = model.config
+    saved_config = {key: getattr(config, key) for key in [*per_layer_config_keys(config, len(layers)), "num_hidden_layers"]}
+    saved_tensors = {name: t.detach().clone() for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]}
+    merge_layers(model, keep, remove, alpha)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]:
+                t.copy_(saved_tensors[name])
+        base.layers = layers
+        _reindex(layers)
+        for key, value in saved_config.items():
+            setattr(config, key, value)

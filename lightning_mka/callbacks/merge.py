@@ -51,7 +51,8 @@ class MergeCallback(Callback):
         compression_ratio: fraction of layers to remove (30 layers, 0.3 -> 21). Exactly one of the two.
         method: ``mka`` (merge) or a drop baseline on the same data: ``tail`` | ``shortgpt`` | ``angular`` | ``random``
             (one-shot, from one pass of statistics; see ``lightning_mka.baselines``).
-        alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | float.
+        alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | ``search``
+            (the grid value with the lowest calibration NLL) | a float.
         points: ``tokens`` (P seeded token positions, never position 0) | ``last`` | ``mean``.
         num_points: P for ``tokens``.
         embedding_dim, diffusion_time, alpha_density, bandwidth_scale, normalize: diffusion-map settings.
@@ -61,6 +62,10 @@ class MergeCallback(Callback):
         keep_first, keep_last: layers at each end that are never merged.
         rescore_every: re-collect points and re-score after this many merges.
         merges_per_validation: merges after each validation epoch in ``fit``.
+        selection: ``similarity`` (the most similar pair, the paper) | ``verify`` (among the ``verify_top`` most
+            similar pairs, the one whose tentative merge gives the lowest NLL on the first ``verify_batches``
+            calibration batches).
+        alpha_grid: the values ``alpha: search`` tries (default 1, 0.75, 0.5, 0.25, 0; 1 and 0 drop one layer).
         seed: seeds the token-position sample.
         cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
         export_dir: where to ``save_pretrained`` the compressed model (None: no export).
@@ -93,6 +98,10 @@ class MergeCallback(Callback):
         keep_last: int = 1,
         rescore_every: int = 1,
         merges_per_validation: int = 1,
+        selection: str = "similarity",
+        verify_top: int = 3,
+        verify_batches: int = 1,
+        alpha_grid: list[float] | None = None,
         seed: int = 0,
         cache_inputs: bool = True,
         export_dir: str | None = None,
@@ -124,6 +133,10 @@ class MergeCallback(Callback):
             keep_last=keep_last,
             rescore_every=rescore_every,
             cache_inputs=cache_inputs,
+            selection=selection,
+            verify_top=verify_top,
+            verify_batches=verify_batches,
+            **({"alpha_grid": tuple(alpha_grid)} if alpha_grid is not None else {}),
         )
         if points == "tokens":
             self.config.similarity.check_points(num_points)
@@ -191,7 +204,8 @@ class MergeCallback(Callback):
             for batch in datamodule.calibration_dataloader():
                 yield {k: v.to(device) if k != "index" else v for k, v in batch.items()}
 
-        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module))
+        reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
+        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce)
         self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
         if self.resume and self.progress_file is not None and self.progress_file.exists():
             progress = json.loads(self.progress_file.read_text())

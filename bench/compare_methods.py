@@ -1,0 +1,200 @@
+"""Side-by-side depth compression of SmolLM2-135M: MKA vs the drop baselines, same calibration, same evaluation.
+
+    .venv/bin/python bench/compare_methods.py                       # all methods, k = 3 6 9 12
+    .venv/bin/python bench/compare_methods.py --methods mka --ks 6  # a subset; rows are merged into the results
+
+Calibration: 16 x 512 tokens of the wiki calibration articles (the same for every method). Evaluation: held-out wiki
+articles and the Lee corpus (perplexity, top-1 agreement with the dense model), MMLU letter and cloze accuracy on
+a fixed evaluation subset that never meets the calibration split. Every row is stored in
+``bench/results/compare_methods.json``; the table (dense row first) goes to ``compare_methods.md`` and a plot of
+wiki perplexity vs layers removed to ``compare_methods.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_data_arguments, calibration_batches, evaluate, load_dense, peak_rss, setup_data  # noqa: E402
+
+from lightning_mka.activations import PointSpec  # noqa: E402
+from lightning_mka.baselines import DROP_METHODS, collect_drop_statistics, select_layers_to_drop  # noqa: E402
+from lightning_mka.merging import LayerMerger, MergeConfig  # noqa: E402
+from lightning_mka.similarity import SimilarityConfig  # noqa: E402
+from lightning_mka.surgery import decoder_stack, drop_layers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# MKA variants: the spec's defaults, plus ablations (alpha, points, similarity measure, rescoring).
+MKA_VARIANTS: dict[str, dict] = {
+    "mka": {},
+    "mka-alpha-official": {"alpha": "official"},
+    "mka-alpha-0.5": {"alpha": 0.5},
+    "mka-points-last": {"points": "last"},
+    "mka-points-mean": {"points": "mean"},
+    "mka-cosine": {"similarity": "cosine"},
+    "mka-cka": {"similarity": "cka"},
+    "mka-rescore-once": {"rescore_every": 1000},
+    # our extensions (spec section 4): choose a, and the pair, by calibration NLL
+    "mka-search": {"alpha": "search"},
+    "mka-search-verify": {"alpha": "search", "selection": "verify"},
+}
+
+
+def mka_config(variant: str, calibration_sequences: int) -> MergeConfig:
+    options = dict(MKA_VARIANTS[variant])
+    points = options.pop("points", "tokens")
+    measure = options.pop("similarity", "npib")
+    spec = PointSpec(points, 1024 if points == "tokens" else calibration_sequences, 0)
+    similarity = SimilarityConfig(measure=measure)
+    if points != "tokens":  # N points only: fewer bins so every joint cell can be populated
+        similarity = replace(similarity, bins=2)
+    return MergeConfig(points=spec, similarity=similarity, **options)
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def row(method, k, depth, model, metrics, seconds, peak_mb, plan):
+    return {"method": method, "k": k, "layers": depth, "params": params(model), "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "plan": plan, **metrics}
+
+
+def run_mka(variant, dense, data, ks, reference, log):
+    model = copy.deepcopy(dense)
+    merger = LayerMerger(model, mka_config(variant, len(data.calibration_ids)), calibration_batches(data), torch.full((len(data.calibration_ids),), data.seq_len))
+    depth, elapsed, rows = len(decoder_stack(model)[1]), 0.0, []
+    for k in sorted(ks):
+        with peak_rss() as peak:
+            tick = time.perf_counter()
+            merger.merge_to(depth - k)
+            elapsed += time.perf_counter() - tick
+        plan = [f"{s.pair_original[0]}+{s.pair_original[1]}@{s.alpha:.2f}" for s in merger.plan]
+        log(f"{variant} k={k}: {plan} ({elapsed:.0f} s)")
+        rows.append(row(variant, k, depth - k, model, evaluate(model, data, reference, False), elapsed, peak["mb"], plan))
+        log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
+    return rows
+
+
+def run_drop(method, dense, data, ks, reference, log):
+    depth = len(decoder_stack(dense)[1])
+    with peak_rss() as peak:
+        tick = time.perf_counter()
+        stats = collect_drop_statistics(decoder_stack(dense)[0], data.calibration_dataloader()) if method in ("shortgpt", "angular") else None
+        stats_seconds = time.perf_counter() - tick
+    rows = []
+    for k in sorted(ks):
+        model = copy.deepcopy(dense)
+        remove = select_layers_to_drop(method, depth, k, stats)
+        drop_layers(model, remove)
+        log(f"{method} k={k}: drop {remove}")
+        rows.append(row(method, k, depth - k, model, evaluate(model, data, reference, False), stats_seconds, peak["mb"], remove))
+        log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
+        del model
+    return rows
+
+
+COLUMNS = [
+    ("method", "method", "{}"),
+    ("k", "removed", "{}"),
+    ("layers", "layers", "{}"),
+    ("params", "params (M)", "{:.1f}"),
+    ("wiki_ppl", "wiki ppl", "{:.2f}"),
+    ("lee_ppl", "lee ppl", "{:.2f}"),
+    ("wiki_top1_agree", "top-1 agree (wiki)", "{:.3f}"),
+    ("mmlu_cloze_acc", "MMLU cloze", "{:.3f}"),
+    ("mmlu_letter_acc", "MMLU letter", "{:.3f}"),
+    ("seconds", "compress s", "{}"),
+    ("peak_rss_mb", "peak RSS MB", "{}"),
+]
+
+
+def table(rows: list[dict]) -> str:
+    def cell(r, key, fmt):
+        value = r.get(key)
+        if value is None:
+            return "-"
+        return fmt.format(value / 1e6 if key == "params" else value)
+
+    order = {m: i for i, m in enumerate(["dense", *DROP_METHODS, *MKA_VARIANTS])}
+    rows = sorted(rows, key=lambda r: (r["k"], order.get(r["method"], 99), r["method"]))
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    return "\n".join([head, rule, *("| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows)])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        points = sorted((r["k"], r["wiki_ppl"]) for r in rows if r["method"] == method)
+        axis.plot([0] + [p[0] for p in points], [dense["wiki_ppl"]] + [p[1] for p in points], marker="o", label=method)
+    axis.set_yscale("log")
+    axis.set_xlabel("decoder layers removed (of 30)")
+    axis.set_ylabel("held-out wiki perplexity (log)")
+    axis.set_title("SmolLM2-135M: depth compression, same calibration and evaluation")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=[*DROP_METHODS, "mka"], help=f"from {[*DROP_METHODS, *MKA_VARIANTS]}")
+    parser.add_argument("--ks", nargs="+", type=int, default=[3, 6, 9, 12])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    for m in args.methods:
+        if m not in DROP_METHODS and m not in MKA_VARIANTS:
+            parser.error(f"unknown method {m!r}; choose from {[*DROP_METHODS, *MKA_VARIANTS]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    store_path = args.out / "compare_methods.json"
+    store = json.loads(store_path.read_text()) if store_path.exists() else {"rows": []}
+    setup = {k: getattr(args, k) for k in ("model", "calibration_samples", "seq_len", "eval_samples", "mmlu_per_topic")}
+    if store.get("setup") not in (None, setup):
+        store = {"rows": []}  # another setup: do not mix rows measured differently
+    store["setup"] = setup
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    dense = load_dense(args)
+    data = setup_data(args)
+    reference: dict = {}
+    tick = time.perf_counter()
+    dense_metrics = evaluate(dense, data, reference, record=True)
+    log(f"dense: wiki {dense_metrics['wiki_ppl']:.2f} lee {dense_metrics['lee_ppl']:.2f} ({time.perf_counter() - tick:.0f} s to evaluate)")
+    rows = [row("dense", 0, len(decoder_stack(dense)[1]), dense, dense_metrics, 0.0, 0, [])]
+    for method in args.methods:
+        run = run_drop if method in DROP_METHODS else run_mka
+        rows += run(method, dense, data, args.ks, reference, log)
+        fresh = {(r["method"], r["k"]) for r in rows}
+        store["rows"] = [r for r in store["rows"] if (r["method"], r["k"]) not in fresh] + rows
+        store_path.write_text(json.dumps(store, indent=1) + "\n")
+        (args.out / "compare_methods.md").write_text(
+            "# Depth compression of SmolLM2-135M\n\n"
+            f"Setup: {json.dumps(setup)}. Calibration: wiki calibration articles; evaluation: held-out wiki articles, "
+            "Lee corpus, MMLU evaluation split (never the calibration split). `compress s`: statistics + selection "
+            "(+ merging) time on 2 CPU cores; `peak RSS MB`: process peak while compressing.\n\n" + table(store["rows"]) + "\n"
+        )
+        plot(store["rows"], args.out / "compare_methods.png")
+    print(table(store["rows"]))
+
+
+if __name__ == "__main__":
+    main()
