@@ -43,7 +43,7 @@ def continuation_logprobs(model, context: list[int], continuations: list[list[in
     scores = torch.stack([first[c[0]] for c in continuations])
     if all(len(c) == 1 for c in continuations):
         return scores
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
     cache.batch_repeat_interleave(len(continuations))
     width = max(len(c) for c in continuations)
     ids = torch.zeros(len(continuations), width, dtype=torch.long)

@@ -1,0 +1,115 @@
+"""Cost of MKA on SmolLM2-135M, measured in one run on the same calibration set.
+
+    .venv/bin/python bench/speed.py
+
+(a) one forward pass of the transformer body over all calibration sequences (all layers);
+(b) our whole iterative MKA run to 21 layers (points after every merge, suffix-only recomputation, diffusion maps,
+    NPIB, merging);
+(c) activation extraction the way the paper's public script does it, re-implemented as a reference: one full
+    forward pass per layer per sample, each sample padded to 512 tokens. It costs L x N forwards, so it is timed on
+    ``--reference-samples`` samples and scaled linearly to N (each sample's passes are identical work).
+Prints seconds, peak RSS and the ratios (b)/(a) and (c)/(b); writes bench/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_data_arguments, calibration_batches, load_dense, peak_rss, setup_data  # noqa: E402
+
+from lightning_mka.activations import hidden_of  # noqa: E402
+from lightning_mka.merging import LayerMerger, MergeConfig  # noqa: E402
+from lightning_mka.surgery import decoder_stack  # noqa: E402
+
+
+@torch.no_grad()
+def one_pass(model, batches) -> None:
+    base, _ = decoder_stack(model)
+    for batch in batches():
+        base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+
+@torch.no_grad()
+def public_script_extraction(model, sequences: torch.Tensor, pad_to: int, pad_id: int) -> torch.Tensor:
+    """Reference mode: for every sample and every layer, a full forward pass that keeps that layer's input."""
+    base, layers = decoder_stack(model)
+    kept = []
+    for sample in sequences:
+        ids = torch.full((1, pad_to), pad_id, dtype=torch.long)
+        ids[0, : len(sample)] = sample[:pad_to]
+        mask = torch.zeros_like(ids)
+        mask[0, : len(sample)] = 1
+        for i in range(len(layers)):
+            box = {}
+            handle = layers[i].register_forward_pre_hook(lambda _m, args, kwargs, box=box: box.update(h=(args[0] if args else kwargs["hidden_states"])), with_kwargs=True)
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+            handle.remove()
+            kept.append(hidden_of(box["h"])[0].float())
+    return torch.stack(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
+    parser.add_argument("--target-layers", type=int, default=21)
+    parser.add_argument("--reference-samples", type=int, default=1, help="samples timed for (c), scaled to all")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    args.mmlu_per_topic = 0
+    dense = load_dense(args)
+    data = setup_data(args)
+    batches = calibration_batches(data)
+    n = len(data.calibration_ids)
+
+    one_pass(dense, batches)  # warm-up (allocator, kernels)
+    with peak_rss() as mem_a:
+        tick = time.perf_counter()
+        one_pass(dense, batches)
+        a = time.perf_counter() - tick
+
+    model = copy.deepcopy(dense)
+    merger = LayerMerger(model, MergeConfig(), batches, torch.full((n,), data.seq_len))
+    with peak_rss() as mem_b:
+        tick = time.perf_counter()
+        merger.merge_to(args.target_layers)
+        b = time.perf_counter() - tick
+    del model
+
+    k = min(args.reference_samples, n)
+    with peak_rss() as mem_c:
+        tick = time.perf_counter()
+        public_script_extraction(dense, data.calibration_ids[:k], 512, data.tokenizer.pad_token_id or 0)
+        c_measured = time.perf_counter() - tick
+    c = c_measured * n / k
+
+    stats = merger.stats
+    result = {
+        "calibration": f"{n} x {data.seq_len} tokens",
+        "merges": len(merger.plan),
+        "a_one_pass_s": round(a, 2),
+        "b_mka_s": round(b, 2),
+        "b_breakdown_s": {"collect": round(stats.collect_seconds, 2), "score": round(stats.score_seconds, 2), "merge": round(stats.merge_seconds, 2)},
+        "b_passes": {"full": stats.full_passes, "suffix": stats.suffix_passes, "layer_evaluations": stats.layer_evaluations},
+        "c_public_script_s": round(c, 1),
+        "c_measured_on_samples": k,
+        "peak_rss_mb": {"a": round(mem_a["mb"]), "b": round(mem_b["mb"]), "c": round(mem_c["mb"])},
+        "b_over_a": round(b / a, 2),
+        "c_over_b": round(c / b, 2),
+        "threads": torch.get_num_threads(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"(b)/(a) = {result['b_over_a']}   (c)/(b) = {result['c_over_b']}")
+
+
+if __name__ == "__main__":
+    main()
