@@ -222,6 +222,13 @@ class LayerMerger:
         self.plan.append(record)
         return record
 
+    def invalidate(self) -> None:
+        """Forget cached points, inputs and scores: the weights changed (e.g. fine-tuning between merges)."""
+        self.similarity = None
+        self._features = []
+        self._stale_from = 0
+        self._merges_since_rescore = 0
+
     def _verified_choice(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> tuple[int, int, float, float]:
         """Among the candidates to verify, the (pair, alpha) whose tentative merge gives the lowest calibration NLL."""
         cfg = self.config
@@ -258,19 +265,29 @@ class LayerMerger:
         total = self.reduce(total)
         return float(total[0] / total[1])
 
-    def replay(self, records: Iterable[dict]) -> None:
-        """Re-apply recorded steps (e.g. from an interrupted run) before any scoring; the next step rescores fully."""
+    def replay(self, records: Iterable[dict], apply: bool = True) -> None:
+        """Take over recorded steps before any scoring; the next step rescores fully.
+
+        ``apply=True`` re-applies them to the model (resuming an interrupted run on fresh weights); ``apply=False``
+        only adopts the record, for a model that already carries them (restored from a checkpoint).
+        """
         if self.similarity is not None:
             raise RuntimeError("replay must happen before the first scoring step")
+        records = list(records)
+        if not apply:  # the model already lost one layer per recorded merge
+            self.origins = [[i] for i in range(len(self.origins) + len(records))]
         for record in records:
             step = MergeStep(**{**record, "pair": tuple(record["pair"]), "pair_original": tuple(record["pair_original"])})
             if step.op != "merge":
                 raise MKAError(f"cannot resume: step {step.step} is a {step.op!r}, not a merge")
             l, m = step.pair
-            merge_layers(self.model, keep=l, remove=m, alpha=step.alpha)
+            if apply:
+                merge_layers(self.model, keep=l, remove=m, alpha=step.alpha)
             self.origins[l] = sorted(self.origins[l] + self.origins[m])
             del self.origins[m]
             self.plan.append(step)
+        if len(self.origins) != len(decoder_stack(self.model)[1]):
+            raise MKAError(f"the recorded plan leaves {len(self.origins)} layers but the model has {len(decoder_stack(self.model)[1])}; the checkpoint does not match this model")
 
     def merge_to(self, target_depth: int, max_steps: int | None = None) -> list[MergeStep]:
         steps = []

@@ -55,6 +55,9 @@ class MKAModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    def on_fit_start(self) -> None:
+        self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])

@@ -207,7 +207,9 @@ class MergeCallback(Callback):
         reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
         merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce)
         self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
-        if self.resume and self.progress_file is not None and self.progress_file.exists():
+        if pl_module.merge_plan:  # restored from a checkpoint: the module already replayed these merges
+            merger.replay(pl_module.merge_plan, apply=False)
+        elif self.resume and self.progress_file is not None and self.progress_file.exists():
             progress = json.loads(self.progress_file.read_text())
             if progress.get("fingerprint") != self._fingerprint:
                 raise MKAError(
@@ -278,6 +280,8 @@ class MergeCallback(Callback):
             self._merger = self._build_merger(trainer, pl_module)
             self._stats = self._merger.stats
             self._plan = [s.to_json() for s in self._merger.plan]  # replayed steps when resuming
+        elif trainer.state.fn == "fit":
+            self._merger.invalidate()  # training changed the weights since the last scoring: nothing cached is valid
         history_before = len(self._merger.similarity_history)
         while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
             tick = time.perf_counter()
@@ -322,11 +326,15 @@ class MergeCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": list(self._plan), "before": self._before}
+        return {"plan": list(self._plan), "before": self._before, "layers_before": self._layers_before, "params_before": self._params_before}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The merged structure itself is restored by MKAModule.on_load_checkpoint (modules load before callbacks).
+        self._plan = list(state_dict.get("plan", []))
         self._before = state_dict.get("before")
+        self._layers_before = state_dict.get("layers_before", self._layers_before)
+        self._params_before = state_dict.get("params_before", self._params_before)
 
     # ---- outputs ------------------------------------------------------------------------------
 

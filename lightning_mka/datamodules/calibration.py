@@ -49,6 +49,26 @@ def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, num_sequences:
     return torch.tensor(rows, dtype=torch.long)
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch (``set_epoch`` is called by Lightning), so a run resumed from a checkpoint
+    sees the same order as an uninterrupted one."""
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s share of ``n`` items: every rank gets ``n // world_size`` (the remainder is dropped)."""
     usable = (n // world_size) * world_size
@@ -250,8 +270,8 @@ class CalibrationDataModule(L.LightningDataModule):
     def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False) -> DataLoader:
         rank, world = self._rank_world()
         dataset = SequenceDataset(ids, shard_indices(len(ids), rank, world))
-        generator = torch.Generator().manual_seed(0) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        sampler = EpochShuffleSampler(len(dataset), seed=rank) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def calibration_dataloader(self) -> DataLoader:
         self.setup()

@@ -1,0 +1,43 @@
+"""Merge-then-finetune in one fit run, and checkpoints that survive structure changes."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mka.callbacks import MergeCallback
+from lightning_mka.datamodules import CalibrationDataModule
+from lightning_mka.module import MKAModule
+from lightning_mka.surgery import decoder_stack
+
+
+def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None):
+    L.seed_everything(0)
+    module = MKAModule(model=str(model_dir), learning_rate=1e-3)
+    data = CalibrationDataModule(tokenizer=str(model_dir), calibration=str(corpus), calibration_samples=8, train_samples=12, seq_len=32,
+                                 batch_size=4, eval_texts=[str(heldout)], eval_samples=4)
+    callback = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[callback, checkpoints], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_fit_merges_between_epochs_and_rebuilds_the_optimizer(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    module, trainer = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, max_epochs=5)
+    assert len(decoder_stack(module.model)[1]) == 3
+    assert [s["depth_after"] for s in module.merge_plan] == [5, 4, 3]
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.parameters()}  # no dead parameters of deleted layers
+
+
+def test_stopped_and_resumed_fit_equals_an_uninterrupted_one(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    straight, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", max_epochs=5)
+    first, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=2)
+    assert len(decoder_stack(first.model)[1]) == 4  # stopped after two merges
+    resumed, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=5, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed.merge_plan == straight.merge_plan
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
