@@ -23,6 +23,11 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MKAError(f"export dir {str(path)!r} is not writable (no write permission on {str(parent)!r}); choose another export_dir")
+    try:  # permission bits do not stop root, but a read-only file system does
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise MKAError(f"export dir {str(path)!r} is not writable ({err.strerror} in {str(parent)!r}); choose another export_dir") from None
     return path
 
 

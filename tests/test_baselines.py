@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lightning_mka.baselines import DropStatistics, angular_distances, collect_drop_statistics, select_layers_to_drop
+from lightning_mka.baselines import angular_distances, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
 from lightning_mka.surgery import decoder_stack
 

@@ -1,7 +1,6 @@
 """Merge-then-finetune in one fit run, and checkpoints that survive structure changes."""
 
 import lightning as L
-import pytest
 import torch
 
 from lightning_mka.callbacks import MergeCallback

@@ -3,10 +3,8 @@
 import errno
 import hashlib
 import os
-import shutil
 
 import pytest
-import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from lightning_mka.assets import cache_dir

@@ -1,9 +1,8 @@
 import json
 
 import pytest
-import torch
 
-from conftest import tiny_model_dir, tiny_tokenizer  # noqa: F401
+from conftest import tiny_tokenizer
 from lightning_mka.datamodules import CalibrationDataModule
 from lightning_mka.datamodules.calibration import pack_sequences, shard_indices
 from lightning_mka.errors import MKAError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,9 @@ from lightning_mka.export import check_export_dir, export_pretrained, write_json
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
+from lightning_mka.reporting import count_parameters, peak_rss_mb, print_summary, similarity_heatmap
 from lightning_mka.similarity import SimilarityConfig
 from lightning_mka.surgery import decoder_stack, drop_layers, num_layers
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class MergeCallback(Callback):
@@ -226,7 +219,7 @@ class MergeCallback(Callback):
         payload = {
             "model": pl_module.hparams.get("model"),
             "dtype": pl_module.hparams.get("dtype"),
-            "merge": _config_json(self.config),
+            "merge": asdict(self.config),
             "target": self._target,
             "data": calibration,
             "world_size": trainer.world_size,
@@ -347,7 +340,7 @@ class MergeCallback(Callback):
             matrix = self._merger.similarity_history[index]
             name = f"step_{index + 1:02d}"
             torch.save(matrix, out / f"{name}.pt")
-            figure = _heatmap(matrix, f"{self.config.similarity.measure} similarity, scoring step {index + 1} ({matrix.shape[0]} layers)")
+            figure = similarity_heatmap(matrix, f"{self.config.similarity.measure} similarity, scoring step {index + 1} ({matrix.shape[0]} layers)")
             figure.savefig(out / f"{name}.png", dpi=100)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
@@ -387,7 +380,7 @@ class MergeCallback(Callback):
         if trainer.is_global_zero:
             out = self._output_dir(trainer)
             write_json_atomic(
-                out / "merge_plan.json", {"method": self.method, "target_layers": self._target, "config": _config_json(self.config), "steps": plan}
+                out / "merge_plan.json", {"method": self.method, "target_layers": self._target, "config": asdict(self.config), "steps": plan}
             )
             if self.export_dir:
                 export_pretrained(
@@ -400,48 +393,5 @@ class MergeCallback(Callback):
             write_json_atomic(out / "results.json", results)
             if self.progress_file is not None:
                 self.progress_file.unlink(missing_ok=True)  # finished: nothing left to resume
-            _print_summary(results, out)
+            print_summary(results, out)
         trainer.strategy.barrier("mka_finish")
-
-
-def _config_json(config: MergeConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)
-
-
-def _heatmap(matrix: torch.Tensor, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 5))
-    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    axis.set_xlabel("layer")
-    axis.set_ylabel("layer")
-    axis.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    return figure
-
-
-def _print_summary(results: dict, out: Path) -> None:
-    before, after = results["metrics_before"], results["metrics_after"]
-    lines = [f"[mka] {results['method']}: layers {results['layers_before']} -> {results['layers_after']}, parameters {results['params_before']:,} -> {results['params_after']:,}"]
-    steps = results["merge_plan"]
-    if steps and steps[0].get("op") == "drop":
-        lines.append(f"[mka] plan: dropped original layers {steps[0]['remove']}")
-    else:
-        lines.append("[mka] plan (original layers merged): " + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, a={s['alpha']:.2f})" for s in steps))
-    for key in sorted(set(before) | set(after)):
-        if key.endswith(("_ppl", "_acc", "_acc_macro", "_top1_agree")):
-            b, a = before.get(key), after.get(key)
-            fmt = (lambda v: "-" if v is None else f"{v:.4g}")
-            lines.append(f"[mka] {key:24s} before {fmt(b):>10s}  after {fmt(a):>10s}")
-    lines.append(
-        f"[mka] compression {results['compression_seconds']} s = {results['compression_vs_one_pass']} x one calibration pass "
-        f"({results['first_pass_seconds']} s); wall {results['seconds']['wall']} s; peak RSS {results['peak_rss_mb']:.0f} MB"
-    )
-    lines.append(f"[mka] wrote {out / 'merge_plan.json'}, {out / 'results.json'}" + (f", export {results['export_dir']}" if results["export_dir"] else ""))
-    print("\n".join(lines), flush=True)
