@@ -14,7 +14,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.errors import MKAError
+from lightning_mka.errors import find_mka_error
 from lightning_mka.module import MKAModule
 
 
@@ -48,8 +48,11 @@ def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cli_main(args)
-    except MKAError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = find_mka_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
 

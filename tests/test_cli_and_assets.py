@@ -119,3 +119,13 @@ def test_verified_cached_file_is_used_offline(offline_cache):
 def test_unknown_asset_in_fetch_command(capsys):
     assert assets.main(["fetch", "nope"]) == 2
     assert "unknown asset 'nope'" in capsys.readouterr().err
+
+
+def test_callback_argument_error_is_one_line_through_the_cli(tmp_path):
+    # jsonargparse wraps errors raised while instantiating callbacks; the CLI still prints ours alone.
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer:\n  logger: false\n  callbacks:\n    - class_path: lightning_mka.callbacks.MergeCallback\n"
+        "      init_args:\n        compression_ratio: 1.5\n"
+    )
+    assert_one_line_error(cli("validate", "--config", str(config), cwd=tmp_path), "compression_ratio=1.5 must be in (0, 1)")
