@@ -29,6 +29,7 @@ TRAINER_DEFAULTS = {
     "devices": 1,
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "mka"}},
     "enable_progress_bar": False,
+    "use_distributed_sampler": False,  # CalibrationDataModule shards every loader itself (equal batches per rank)
 }
 
 

@@ -154,12 +154,10 @@ class MergeCallback(Callback):
         self._started = 0.0
         self._finished = False
         self._fingerprint = ""
+        self._out_dir = Path(".")
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _output_dir(trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
 
     def _gather(self, pl_module: L.LightningModule):
         trainer = pl_module.trainer
@@ -237,6 +235,8 @@ class MergeCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         depth = num_layers(pl_module.model)
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never inside rank-0 code.
+        self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self._target is None:
             self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
             self._layers_before = depth
@@ -284,9 +284,19 @@ class MergeCallback(Callback):
                 f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
             )
             budget = None if budget is None else budget - 1
+            self._assert_same_step_on_all_ranks(trainer, step.to_json())
             self._plan = [s.to_json() for s in self._merger.plan]
             self._write_progress(trainer)
         self._save_similarities(trainer, history_before)
+
+    @staticmethod
+    def _assert_same_step_on_all_ranks(trainer: L.Trainer, step: dict) -> None:
+        """Every rank computes the plan from the same gathered points; a divergence would corrupt the model."""
+        if trainer.world_size == 1:
+            return
+        reference = trainer.strategy.broadcast(step, src=0)
+        if reference != step:
+            raise RuntimeError(f"rank {trainer.global_rank} chose {step} but rank 0 chose {reference}")
 
     def _drop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A drop baseline: one pass of statistics, then remove ``depth - target`` layers at once."""
@@ -334,7 +344,7 @@ class MergeCallback(Callback):
     @rank_zero_only
     def _save_similarities(self, trainer: L.Trainer, first: int) -> None:
         assert self._merger is not None
-        out = self._output_dir(trainer) / "similarity"
+        out = self._out_dir / "similarity"
         out.mkdir(parents=True, exist_ok=True)
         for index in range(first, len(self._merger.similarity_history)):
             matrix = self._merger.similarity_history[index]
@@ -378,7 +388,7 @@ class MergeCallback(Callback):
             "export_dir": str(Path(self.export_dir).resolve()) if self.export_dir else None,
         }
         if trainer.is_global_zero:
-            out = self._output_dir(trainer)
+            out = self._out_dir
             write_json_atomic(
                 out / "merge_plan.json", {"method": self.method, "target_layers": self._target, "config": asdict(self.config), "steps": plan}
             )

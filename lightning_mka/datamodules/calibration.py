@@ -149,7 +149,8 @@ class CalibrationDataModule(L.LightningDataModule):
       - ``val_dataloader()``: one perplexity loader per ``eval_texts`` entry, then MMLU if ``mmlu_per_topic > 0``.
 
     Under DDP every rank gets the same number of batches (the remainder is dropped), and items keep their global
-    index so results do not depend on the number of ranks.
+    index so results do not depend on the number of ranks. The module shards every loader itself, so the Trainer
+    must not add a DistributedSampler: ``use_distributed_sampler=False`` (the CLI's default).
 
     Args:
         tokenizer: model source for the tokenizer (linked to ``model.model`` by the CLI).
@@ -265,6 +266,8 @@ class CalibrationDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise MKAError("CalibrationDataModule shards data across ranks itself; set trainer.use_distributed_sampler: false")
         return trainer.global_rank, trainer.world_size
 
     def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False) -> DataLoader:
