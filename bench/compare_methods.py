@@ -152,12 +152,23 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def render(store: dict, out: Path) -> None:
+    (out / "compare_methods.md").write_text(
+        "# Depth compression of SmolLM2-135M\n\n"
+        f"Setup: {json.dumps(store['setup'])}. Calibration: wiki calibration articles; evaluation: held-out wiki articles, "
+        "Lee corpus, MMLU evaluation split (never the calibration split). `compress s`: statistics + selection "
+        "(+ merging) time on 2 CPU cores; `peak RSS MB`: process peak while compressing.\n\n" + table(store["rows"]) + "\n"
+    )
+    plot(store["rows"], out / "compare_methods.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=[*DROP_METHODS, "mka"], help=f"from {[*DROP_METHODS, *MKA_VARIANTS]}")
     parser.add_argument("--ks", nargs="+", type=int, default=[3, 6, 9, 12])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the stored rows")
     args = parser.parse_args()
     for m in args.methods:
         if m not in DROP_METHODS and m not in MKA_VARIANTS:
@@ -169,6 +180,10 @@ def main() -> None:
     if store.get("setup") not in (None, setup):
         store = {"rows": []}  # another setup: do not mix rows measured differently
     store["setup"] = setup
+
+    if args.render:
+        render(store, args.out)
+        return
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -186,13 +201,7 @@ def main() -> None:
         fresh = {(r["method"], r["k"]) for r in rows}
         store["rows"] = [r for r in store["rows"] if (r["method"], r["k"]) not in fresh] + rows
         store_path.write_text(json.dumps(store, indent=1) + "\n")
-        (args.out / "compare_methods.md").write_text(
-            "# Depth compression of SmolLM2-135M\n\n"
-            f"Setup: {json.dumps(setup)}. Calibration: wiki calibration articles; evaluation: held-out wiki articles, "
-            "Lee corpus, MMLU evaluation split (never the calibration split). `compress s`: statistics + selection "
-            "(+ merging) time on 2 CPU cores; `peak RSS MB`: process peak while compressing.\n\n" + table(store["rows"]) + "\n"
-        )
-        plot(store["rows"], args.out / "compare_methods.png")
+        render(store, args.out)
     print(table(store["rows"]))
 
 
