@@ -20,7 +20,7 @@ from conftest import tiny_model, tiny_tokenizer, write_corpus  # noqa: E402
 from lightning_mka.assets import cache_dir  # noqa: E402
 
 
-def config(model, corpus, heldout, export=None, data_extra="", **merge) -> str:
+def config(model, corpus, heldout, export=None, **merge) -> str:
     options = {"target_layers": 3, "num_points": 128, **merge}
     if export:
         options["export_dir"] = export
@@ -39,7 +39,7 @@ data:
   seq_len: 32
   eval_texts: [{heldout}]
   eval_samples: 2
-{data_extra}"""
+"""
 
 
 def main() -> None:
