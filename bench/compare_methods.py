@@ -46,6 +46,10 @@ MKA_VARIANTS: dict[str, dict] = {
     # our extensions (spec section 4): choose a, and the pair, by calibration NLL
     "mka-search": {"alpha": "search"},
     "mka-search-verify": {"alpha": "search", "selection": "verify"},
+    # merge operators (lightning_mka.parallel): "mka" above is the paper's weight average (mka-average)
+    "mka-parallel": {"merge_operator": "parallel"},  # depth only: keeps every parameter
+    "mka-parallel-pruned": {"merge_operator": "parallel_pruned"},  # pruned back: same size as a drop
+    "mka-parallel-pruned-verify": {"merge_operator": "parallel_pruned", "selection": "verify"},
 }
 
 
@@ -64,8 +68,22 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def row(method, k, depth, model, metrics, seconds, peak_mb, plan):
-    return {"method": method, "k": k, "layers": depth, "params": params(model), "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "plan": plan, **metrics}
+@torch.no_grad()
+def prefill_ms_per_token(model, data, repeats: int = 3) -> float:
+    """Prefill latency: the best of ``repeats`` forwards of one held-out 512-token sequence, per token."""
+    ids = data.eval_ids[data.val_names[0]][:1]
+    model(input_ids=ids, use_cache=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        best = min(best, time.perf_counter() - tick)
+    return 1000.0 * best / ids.shape[1]
+
+
+def row(method, k, depth, model, metrics, seconds, peak_mb, plan, data=None):
+    latency = {"prefill_ms_per_token": round(prefill_ms_per_token(model, data), 3)} if data is not None else {}
+    return {"method": method, "k": k, "layers": depth, "params": params(model), "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "plan": plan, **latency, **metrics}
 
 
 def run_mka(variant, dense, data, ks, reference, log):
@@ -77,9 +95,9 @@ def run_mka(variant, dense, data, ks, reference, log):
             tick = time.perf_counter()
             merger.merge_to(depth - k)
             elapsed += time.perf_counter() - tick
-        plan = [f"{s.pair_original[0]}+{s.pair_original[1]}@{s.alpha:.2f}" for s in merger.plan]
+        plan = [f"{s.pair_original[0]}+{s.pair_original[1]}" + (f"@{s.alpha:.2f}" if s.alpha is not None else "") for s in merger.plan]
         log(f"{variant} k={k}: {plan} ({elapsed:.0f} s)")
-        rows.append(row(variant, k, depth - k, model, evaluate(model, data, reference, False), elapsed, peak["mb"], plan))
+        rows.append(row(variant, k, depth - k, model, evaluate(model, data, reference, False), elapsed, peak["mb"], plan, data))
         log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
     return rows
 
@@ -96,7 +114,7 @@ def run_drop(method, dense, data, ks, reference, log):
         remove = select_layers_to_drop(method, depth, k, stats)
         drop_layers(model, remove)
         log(f"{method} k={k}: drop {remove}")
-        rows.append(row(method, k, depth - k, model, evaluate(model, data, reference, False), stats_seconds, peak["mb"], remove))
+        rows.append(row(method, k, depth - k, model, evaluate(model, data, reference, False), stats_seconds, peak["mb"], remove, data))
         log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
         del model
     return rows
@@ -112,6 +130,7 @@ COLUMNS = [
     ("wiki_top1_agree", "top-1 agree (wiki)", "{:.3f}"),
     ("mmlu_cloze_acc", "MMLU cloze", "{:.3f}"),
     ("mmlu_letter_acc", "MMLU letter", "{:.3f}"),
+    ("prefill_ms_per_token", "prefill ms/token", "{:.2f}"),
     ("seconds", "compress s", "{}"),
     ("peak_rss_mb", "peak RSS MB", "{}"),
 ]
@@ -194,7 +213,7 @@ def main() -> None:
     tick = time.perf_counter()
     dense_metrics = evaluate(dense, data, reference, record=True)
     log(f"dense: wiki {dense_metrics['wiki_ppl']:.2f} lee {dense_metrics['lee_ppl']:.2f} ({time.perf_counter() - tick:.0f} s to evaluate)")
-    rows = [row("dense", 0, len(decoder_stack(dense)[1]), dense, dense_metrics, 0.0, 0, [])]
+    rows = [row("dense", 0, len(decoder_stack(dense)[1]), dense, dense_metrics, 0.0, 0, [], data)]
     for method in args.methods:
         run = run_drop if method in DROP_METHODS else run_mka
         rows += run(method, dense, data, args.ks, reference, log)

@@ -102,6 +102,39 @@ def suffix_only(base_model: nn.Module, start: int, cached_input):
             setattr(config, key, value)
 
 
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[str, torch.Tensor]], cached_inputs=None, on_batch=None) -> None:
+    """Run calibration batches through the decoder layers up to and including ``index``, and no further.
+
+    With ``cached_inputs`` (layer ``index``'s input per batch) only that one layer runs. ``on_batch(batch)`` is called
+    before each batch, e.g. so hooks on the layer's modules know the attention mask.
+    """
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    start = index if cached_inputs is not None else 0
+    state = {"batch": 0}
+    handle = base_model.layers[index].register_forward_hook(stop)
+    device = next(base_model.parameters()).device
+    try:
+        with suffix_only(base_model, start, lambda: cached_inputs[state["batch"]]):
+            for b, batch in enumerate(batches):
+                state["batch"] = b
+                if on_batch is not None:
+                    on_batch(batch)
+                try:
+                    base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
 class LayerPointCollector:
     """Keeps, for every decoder layer, its output at the points: an ``L x P x H`` float32 matrix.
 

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_mka.activations import LayerPointCollector, PointSpec, sample_token_positions, suffix_only
+from lightning_mka.activations import LayerPointCollector, PointSpec, run_through_layer, sample_token_positions, suffix_only
 from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
 from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity_matrix
-from lightning_mka.surgery import decoder_stack, drop_layers, merge_layers, merged_temporarily
+from lightning_mka.parallel import GramAccumulator, check_parallel_supported, prune_attention, prune_mlp
+from lightning_mka.surgery import apply_merge, check_merge_operator, decoder_stack, drop_layers, merged_temporarily
 
 # gather(points (L, p_local, H), ids (p_local,)) -> (L, P, H) ordered by global point id, identical on every rank.
 Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,6 +41,11 @@ class MergeConfig:
         the lowest NLL on the first ``verify_batches`` calibration batches;
       - ``selection="verify"``: merge each of the ``verify_top`` most similar candidate pairs tentatively and keep the
         one whose merge gives the lowest calibration NLL. Both recompute only the suffix from the pair on.
+
+    ``merge_operator``: ``average`` (the paper: ``a*theta_l + (1-a)*theta_m``), ``parallel`` (one widened layer running
+    both layers side by side; exact, removes depth, keeps parameters) or ``parallel_pruned`` (``parallel``, then pruned
+    back to the original width on calibration activations, ``o_proj`` / ``down_proj`` refit by ridge least squares when
+    ``prune_refit``). See ``lightning_mka.parallel``.
     """
 
     alpha: str | float = "similarity"
@@ -54,6 +60,13 @@ class MergeConfig:
     verify_top: int = 3
     verify_batches: int = 1
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    merge_operator: str = "average"
+    prune_refit: bool = True
+    refit_ridge: float = 1e-3
+
+    @property
+    def averages(self) -> bool:
+        return self.merge_operator == "average"
 
     @property
     def uses_nll(self) -> bool:
@@ -67,6 +80,11 @@ class MergeConfig:
         for name in ("max_distance", "rescore_every", "verify_top", "verify_batches"):
             if getattr(self, name) < 1:
                 raise MKAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_merge_operator(self.merge_operator)
+        if not self.averages and self.alpha == "search":
+            raise MKAError(f"alpha: search applies to merge_operator average only, not {self.merge_operator!r}")
+        if self.refit_ridge < 0:
+            raise MKAError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
         if not self.alpha_grid:
             raise MKAError("alpha_grid must hold at least one value in [0, 1]")
         if self.uses_nll and (self.rescore_every != 1 or not self.cache_inputs):
@@ -85,11 +103,14 @@ class MergeStep:
     pair_original: tuple[int, int]  # first original layer of each side
     merged_original: list[int]  # all original layers now inside the kept layer
     score: float
-    alpha: float
+    alpha: float | None  # None for the parallel operators
     depth_after: int
     rescored: bool
     op: str = "merge"
     calibration_nll: float | None = None  # mean token NLL on the verification slice (search / verify only)
+    operator: str = "average"
+    kept_kv_groups: list[int] | None = None  # parallel_pruned: KV groups of the widened layer that were kept
+    kept_neurons: list[int] | None = None  # parallel_pruned: MLP neurons of the widened layer that were kept
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -135,6 +156,8 @@ class LayerMerger:
         spec = config.points
         num_points = spec.num_points if spec.mode == "tokens" else int(len(lengths))
         config.similarity.check_points(num_points)
+        if not config.averages:
+            check_parallel_supported(model.config)
         positions = sample_token_positions(lengths, spec.num_points, spec.seed) if spec.mode == "tokens" else None
         self.collector = LayerPointCollector(base, spec, positions, cache_inputs=config.cache_inputs)
         self.origins: list[list[int]] = [[i] for i in range(len(layers))]
@@ -196,9 +219,9 @@ class LayerMerger:
             l, m, alpha, nll = self._verified_choice(similarity, candidates)
             score = float(similarity[l, m])
         else:
-            alpha = merge_alpha(cfg.alpha, similarity, l, m)
+            alpha = merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None
         tick = time.perf_counter()
-        merge_layers(self.model, keep=l, remove=m, alpha=alpha)
+        kept = self._apply(l, m, alpha)
         self.stats.merge_seconds += time.perf_counter() - tick
         record = MergeStep(
             step=len(self.plan) + 1,
@@ -210,6 +233,8 @@ class LayerMerger:
             depth_after=self.depth - 1,
             rescored=rescored,
             calibration_nll=nll,
+            operator=cfg.merge_operator,
+            **kept,
         )
         self.origins[l] = record.merged_original
         del self.origins[m]
@@ -236,15 +261,53 @@ class LayerMerger:
         pool = ranked[: cfg.verify_top] if cfg.selection == "verify" else ranked[:1]
         best: tuple[float, int, int, float] | None = None
         for l, m in pool:
-            alphas = cfg.alpha_grid if cfg.alpha == "search" else (merge_alpha(cfg.alpha, similarity, l, m),)
+            if cfg.alpha == "search":
+                alphas: tuple = cfg.alpha_grid
+            else:
+                alphas = (merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None,)
             for alpha in alphas:
-                with merged_temporarily(self.model, l, m, alpha):
+                with merged_temporarily(self.model, l, m, alpha, cfg.merge_operator):
+                    if cfg.merge_operator == "parallel_pruned":
+                        self._prune(l)
                     nll = self._slice_nll(start=l)
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
                     best = (nll, l, m, alpha)
         assert best is not None
         nll, l, m, alpha = best
         return l, m, alpha, nll
+
+    def _apply(self, l: int, m: int, alpha: float | None, recorded: MergeStep | None = None) -> dict:
+        """Merge ``m`` into ``l`` with the configured operator; for ``parallel_pruned`` also prune (data-driven)."""
+        operator = recorded.operator if recorded is not None else self.config.merge_operator
+        apply_merge(self.model, l, m, operator, alpha)
+        if operator != "parallel_pruned":
+            return {}
+        return self._prune(l)
+
+    @torch.no_grad()
+    def _prune(self, l: int) -> dict:
+        """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set."""
+        base, layers = decoder_stack(self.model)
+        layer = layers[l]
+        config = self.model.config
+        cached = self.collector.inputs[l] if self.config.cache_inputs and len(self.collector.inputs) == len(layers) else None
+        state: dict = {}
+
+        def gram_of(module) -> torch.Tensor:
+            acc = GramAccumulator()
+            handle = module.register_forward_pre_hook(lambda _m, args: acc.add(args[0], state["mask"]))
+            try:
+                run_through_layer(base, l, self.batches(), cached, on_batch=lambda b: state.update(mask=b["attention_mask"]))
+            finally:
+                handle.remove()
+            assert acc.gram is not None
+            return self.reduce(acc.gram)  # summed over ranks: every rank prunes the same way
+
+        cfg = self.config
+        groups = prune_attention(layer, config.num_key_value_heads, gram_of(layer.self_attn.o_proj), cfg.prune_refit, cfg.refit_ridge)
+        # The MLP sees the pruned attention's output: measure it after the attention is final.
+        neurons = prune_mlp(layer, config.intermediate_size, gram_of(layer.mlp.down_proj), cfg.prune_refit, cfg.refit_ridge)
+        return {"kept_kv_groups": groups, "kept_neurons": neurons}
 
     @torch.no_grad()
     def _slice_nll(self, start: int) -> float:
@@ -282,7 +345,9 @@ class LayerMerger:
                 raise MKAError(f"cannot resume: step {step.step} is a {step.op!r}, not a merge")
             l, m = step.pair
             if apply:
-                merge_layers(self.model, keep=l, remove=m, alpha=step.alpha)
+                kept = self._apply(l, m, step.alpha, recorded=step)
+                if kept and (kept["kept_kv_groups"] != step.kept_kv_groups or kept["kept_neurons"] != step.kept_neurons):
+                    raise MKAError(f"cannot resume: replaying step {step.step} pruned differently than recorded; the calibration data or model changed")
             self.origins[l] = sorted(self.origins[l] + self.origins[m])
             del self.origins[m]
             self.plan.append(step)
@@ -302,5 +367,12 @@ def replay_plan(model: nn.Module, plan: Iterable[dict]) -> None:
         if record.get("op", "merge") == "drop":
             drop_layers(model, [int(i) for i in record["remove"]])
             continue
-        l, m = record["pair"]
-        merge_layers(model, keep=int(l), remove=int(m), alpha=float(record["alpha"]))
+        l, m = (int(i) for i in record["pair"])
+        operator = record.get("operator", "average")
+        alpha = record.get("alpha")
+        apply_merge(model, l, m, operator, None if alpha is None else float(alpha))
+        if operator == "parallel_pruned":
+            # Structure only (the pruned weights come from the checkpoint that follows): keep the recorded widths.
+            layer = decoder_stack(model)[1][l]
+            prune_attention(layer, model.config.num_key_value_heads, None, refit=False, keep_groups=list(record["kept_kv_groups"]))
+            prune_mlp(layer, model.config.intermediate_size, None, refit=False, keep_neurons=list(record["kept_neurons"]))

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
+from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
 from lightning_mka.loading import load_model, parse_dtype
 from lightning_mka.merging import replay_plan
 from lightning_mka.surgery import decoder_stack
@@ -28,6 +29,10 @@ class MKAModule(L.LightningModule):
         learning_rate: AdamW learning rate when no ``optimizer`` is given (fine-tuning after merges).
         optimizer: optional optimizer factory (``OptimizerCallable``); rebuilt after every merge.
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
+        trainable: which parameters fine-tuning updates: ``all`` | ``merged`` (only the decoder layers that came out
+            of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
+            ``peft``, folded into the weights before every merge and at the end of ``fit``).
+        lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (``trainable: lora``).
     """
 
     def __init__(
@@ -37,9 +42,15 @@ class MKAModule(L.LightningModule):
         learning_rate: float = 1e-5,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        trainable: str = "all",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] | None = None,
     ) -> None:
         super().__init__()
         parse_dtype(dtype)
+        check_trainable(trainable, lora_rank)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model(model, dtype)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
@@ -57,8 +68,36 @@ class MKAModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
+        self.configure_trainable()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    # ---- which parameters train -----------------------------------------------------------------
+
+    def configure_trainable(self) -> None:
+        """Set ``requires_grad`` for the current structure (called at fit start and after every merge)."""
+        mode = self.hparams.trainable
+        if mode == "lora":
+            fold_lora(self.model)
+            inject_lora(self.model, self.hparams.lora_rank, self.hparams.lora_alpha, self.hparams.lora_dropout, self.hparams.lora_targets)
+            return
+        if mode == "all":
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            return
+        trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), self.merge_plan)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for i, layer in enumerate(decoder_stack(self.model)[1]):
+            if i in trainable:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+
+    def fold_adapters(self) -> None:
+        """Fold LoRA adapters into the weights (before surgery and before export); no-op otherwise."""
+        fold_lora(self.model)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return None  # nothing to train yet (trainable: merged before the first merge): skip the step
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
         loss = (nll_sum / count).float()
@@ -66,7 +105,8 @@ class MKAModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        # Frozen parameters get no gradients and are skipped by the optimizer; it needs at least one parameter.
+        params = [p for p in self.parameters() if p.requires_grad] or list(self.parameters())
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(params)
         else:
@@ -133,5 +173,8 @@ class MKAModule(L.LightningModule):
         # strict load finds the same structure.
         plan = checkpoint.get("mka_merge_plan", [])
         if plan and not self.merge_plan:
+            fold_lora(self.model)
             replay_plan(self.model, plan)
             self.merge_plan = list(plan)
+        if any(".lora_" in key for key in checkpoint.get("state_dict", {})) and not has_lora(self.model):
+            self.configure_trainable()

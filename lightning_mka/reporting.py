@@ -39,12 +39,17 @@ def print_summary(results: dict, out: Path) -> None:
     if steps and steps[0].get("op") == "drop":
         lines.append(f"[mka] plan: dropped original layers {steps[0]['remove']}")
     else:
-        lines.append("[mka] plan (original layers merged): " + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, a={s['alpha']:.2f})" for s in steps))
+        def how(s: dict) -> str:
+            return f"a={s['alpha']:.2f}" if s.get("alpha") is not None else s.get("operator", "")
+
+        lines.append("[mka] plan (original layers merged): " + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, {how(s)})" for s in steps))
+    unhealed = results.get("metrics_after_merge_before_healing")
     for key in sorted(set(before) | set(after)):
         if key.endswith(("_ppl", "_acc", "_acc_macro", "_top1_agree")):
             b, a = before.get(key), after.get(key)
             fmt = (lambda v: "-" if v is None else f"{v:.4g}")
-            lines.append(f"[mka] {key:24s} before {fmt(b):>10s}  after {fmt(a):>10s}")
+            merged = f"  merged, not healed {fmt(unhealed.get(key)):>10s}" if unhealed else ""
+            lines.append(f"[mka] {key:24s} before {fmt(b):>10s}{merged}  after {fmt(a):>10s}")
     lines.append(
         f"[mka] compression {results['compression_seconds']} s = {results['compression_vs_one_pass']} x one calibration pass "
         f"({results['first_pass_seconds']} s); wall {results['seconds']['wall']} s; peak RSS {results['peak_rss_mb']:.0f} MB"

@@ -1,9 +1,11 @@
 """Decoder-layer surgery on Hugging Face causal LMs (pure torch/transformers, no Lightning).
 
-``merge_layers`` writes ``theta_l <- a * theta_l + (1 - a) * theta_m`` into layer ``l`` for every floating-point
+``merge_layers`` (operator ``average``, the paper's) writes ``theta_l <- a * theta_l + (1 - a) * theta_m`` into layer ``l`` for every floating-point
 parameter and buffer, by name, in float32, then deletes layer ``m``. ``drop_layers`` deletes layers. Both re-index
 ``layer_idx`` attributes and update ``config.num_hidden_layers`` and per-layer config lists (``layer_types``)
 by the KEPT original indices, so KV-cache generation and ``save_pretrained`` / ``from_pretrained`` keep working.
+``parallel_merge_layers`` (operator ``parallel``) replaces the pair by one widened layer computing both side by side
+(``lightning_mka.parallel``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import torch
 from torch import nn
 
 from lightning_mka.errors import MKAError
+from lightning_mka.parallel import check_parallel_supported, parallel_merged_layer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MERGE_OPERATORS = ("average", "parallel", "parallel_pruned")
+
+
+def check_merge_operator(operator: str) -> str:
+    if operator not in MERGE_OPERATORS:
+        raise MKAError(f"unknown merge_operator {operator!r}; use one of {', '.join(MERGE_OPERATORS)}")
+    return operator
 
 
 def decoder_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -93,6 +103,37 @@ def merge_layers(model: nn.Module, keep: int, remove: int, alpha: float) -> None
     _keep_layers(model, [i for i in range(depth) if i != remove])
 
 
+@torch.no_grad()
+def parallel_merge_layers(model: nn.Module, keep: int, remove: int) -> None:
+    """Replace layers ``keep`` and ``remove`` (adjacent) by one widened layer at ``keep`` computing both in parallel."""
+    base, layers = decoder_stack(model)
+    check_parallel_supported(model.config)
+    depth = len(layers)
+    _check_index("keep", keep, depth)
+    _check_index("remove", remove, depth)
+    if keep == remove:
+        raise MKAError(f"cannot merge layer {keep} with itself; pick two different layers")
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and len(types) == depth and types[keep] != types[remove]:
+        raise MKAError(f"layers {keep} ({types[keep]}) and {remove} ({types[remove]}) use different attention types; a parallel merge needs one mask")
+    first, second = sorted((keep, remove))
+    merged = parallel_merged_layer(layers[first], layers[second])
+    new = list(layers)
+    new[keep] = merged
+    base.layers = nn.ModuleList(new)
+    _keep_layers(model, [i for i in range(depth) if i != remove])
+
+
+def apply_merge(model: nn.Module, keep: int, remove: int, operator: str = "average", alpha: float | None = None) -> None:
+    """One merge with the given operator (``parallel_pruned`` merges in parallel here; pruning needs data)."""
+    if operator == "average":
+        if alpha is None:
+            raise MKAError("merge_operator average needs an alpha")
+        merge_layers(model, keep, remove, alpha)
+    else:
+        parallel_merge_layers(model, keep, remove)
+
+
 def drop_layers(model: nn.Module, remove: Sequence[int]) -> None:
     """Delete the given decoder layers (current indices)."""
     _, layers = decoder_stack(model)
@@ -106,19 +147,25 @@ def drop_layers(model: nn.Module, remove: Sequence[int]) -> None:
 
 
 @contextmanager
-def merged_temporarily(model: nn.Module, keep: int, remove: int, alpha: float) -> Iterator[None]:
-    """``merge_layers`` for the duration of the block, then the exact previous model (weights, layers, config)."""
+def merged_temporarily(model: nn.Module, keep: int, remove: int, alpha: float | None, operator: str = "average") -> Iterator[None]:
+    """``apply_merge`` for the duration of the block, then the exact previous model (weights, layers, config).
+
+    The block may change the merged layer further (e.g. prune it): a parallel merge builds a new module, so the
+    original layers are never touched.
+    """
     base, layers = decoder_stack(model)
     config = model.config
     saved_config = {key: getattr(config, key) for key in [*per_layer_config_keys(config, len(layers)), "num_hidden_layers"]}
-    saved_tensors = {name: t.detach().clone() for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]}
-    merge_layers(model, keep, remove, alpha)
+    in_place = operator == "average"
+    saved_tensors = {name: t.detach().clone() for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]} if in_place else {}
+    apply_merge(model, keep, remove, operator, alpha)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]:
-                t.copy_(saved_tensors[name])
+        if in_place:
+            with torch.no_grad():
+                for name, t in [*layers[keep].named_parameters(), *layers[keep].named_buffers()]:
+                    t.copy_(saved_tensors[name])
         base.layers = layers
         _reindex(layers)
         for key, value in saved_config.items():

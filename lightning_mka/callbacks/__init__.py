@@ -1,3 +1,4 @@
 from lightning_mka.callbacks.merge import MergeCallback
+from lightning_mka.callbacks.quantize import QuantizeCallback
 
-__all__ = ["MergeCallback"]
+__all__ = ["MergeCallback", "QuantizeCallback"]

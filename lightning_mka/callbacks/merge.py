@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
@@ -59,6 +60,13 @@ class MergeCallback(Callback):
             similar pairs, the one whose tentative merge gives the lowest NLL on the first ``verify_batches``
             calibration batches).
         alpha_grid: the values ``alpha: search`` tries (default 1, 0.75, 0.5, 0.25, 0; 1 and 0 drop one layer).
+        merge_operator: ``average`` (the paper: weights ``a*theta_l + (1-a)*theta_m``) | ``parallel`` (one widened layer
+            computing both side by side: exact, removes depth not parameters; cannot be exported, since
+            ``from_pretrained`` needs one width for all layers) | ``parallel_pruned`` (``parallel``, then pruned back
+            to the original width by calibration activations; exports like any model). Parallel operators: Llama,
+            Mistral, Qwen2.
+        prune_refit: ``parallel_pruned`` refits ``o_proj`` / ``down_proj`` by least squares on calibration activations.
+        refit_ridge: ridge of that refit, relative to the mean diagonal of the Gram matrix.
         seed: seeds the token-position sample.
         cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
         export_dir: where to ``save_pretrained`` the compressed model (None: no export).
@@ -68,6 +76,11 @@ class MergeCallback(Callback):
             run. The file is removed once the export is written. A progress file from a different configuration
             is refused.
         progress_file: where progress is kept (default: ``<export_dir>.mka-progress.json``; none without export_dir).
+        evaluate_before_healing: in ``fit``, evaluate the model right after the last merge, before the remaining
+            fine-tuning (reported as ``metrics_after_merge_before_healing``).
+
+    In ``fit`` with ``trainer.num_sanity_val_steps: -1`` the sanity check is a full dense validation, and the first
+    merges happen right after it, before any training step.
     """
 
     def __init__(
@@ -95,12 +108,16 @@ class MergeCallback(Callback):
         verify_top: int = 3,
         verify_batches: int = 1,
         alpha_grid: list[float] | None = None,
+        merge_operator: str = "average",
+        prune_refit: bool = True,
+        refit_ridge: float = 1e-3,
         seed: int = 0,
         cache_inputs: bool = True,
         export_dir: str | None = None,
         overwrite: bool = False,
         resume: bool = True,
         progress_file: str | None = None,
+        evaluate_before_healing: bool = True,
     ) -> None:
         super().__init__()
         if (target_layers is None) == (compression_ratio is None):
@@ -129,8 +146,16 @@ class MergeCallback(Callback):
             selection=selection,
             verify_top=verify_top,
             verify_batches=verify_batches,
+            merge_operator=merge_operator,
+            prune_refit=prune_refit,
+            refit_ridge=refit_ridge,
             **({"alpha_grid": tuple(alpha_grid)} if alpha_grid is not None else {}),
         )
+        if merge_operator == "parallel" and export_dir is not None:
+            raise MKAError(
+                "merge_operator parallel leaves layers wider than the config, which from_pretrained cannot load; "
+                "use merge_operator: parallel_pruned to export, or drop export_dir"
+            )
         if points == "tokens":
             self.config.similarity.check_points(num_points)
         self.target_layers = target_layers
@@ -155,6 +180,8 @@ class MergeCallback(Callback):
         self._finished = False
         self._fingerprint = ""
         self._out_dir = Path(".")
+        self._after_merge: dict[str, float] | None = None
+        self.evaluate_before_healing = evaluate_before_healing
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -243,9 +270,14 @@ class MergeCallback(Callback):
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()
 
+    @staticmethod
+    def _full_sanity_check(trainer: L.Trainer) -> bool:
+        """``num_sanity_val_steps: -1`` runs the whole validation before training: a dense baseline to merge after."""
+        return trainer.num_sanity_val_steps == float("inf")
+
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking and not self._full_sanity_check(trainer):
             return
         if self._before is None:
             self._before = dict(pl_module.last_metrics)
@@ -253,6 +285,8 @@ class MergeCallback(Callback):
         if num_layers(pl_module.model) <= self._target:
             return
         validating = trainer.state.fn == "validate"
+        if not validating and hasattr(pl_module, "fold_adapters"):
+            pl_module.fold_adapters()  # surgery needs plain weights: fold LoRA adapters first
         with torch.no_grad():
             if self.method == "mka":
                 self._merge(trainer, pl_module, budget=None if validating else self.merges_per_validation)
@@ -264,9 +298,25 @@ class MergeCallback(Callback):
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=len(self._plan))
             self._finish(trainer, pl_module, after)
-        else:
-            # The optimizer still points at the deleted layer's parameters: rebuild it over the new structure.
-            trainer.strategy.setup_optimizers(trainer)
+            return
+        self._rebuild_for_training(trainer, pl_module)
+        if num_layers(pl_module.model) <= self._target and self.evaluate_before_healing:
+            # The merged model before any healing at its final depth: the baseline the healing is measured against.
+            self._after_merge = pl_module.evaluate(trainer.val_dataloaders)
+            rank_zero_info("[mka] merged, before healing: " + ", ".join(f"{k}={v:.3f}" for k, v in self._after_merge.items() if k.endswith("_ppl")))
+
+    @staticmethod
+    def _rebuild_for_training(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After surgery mid-fit: trainable flags, the DDP wrapper and the optimizers all point at deleted layers."""
+        if hasattr(pl_module, "configure_trainable"):
+            pl_module.configure_trainable()
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            # The reducer holds buckets of the old parameters: wrap the new structure again (parameters are
+            # identical on every rank, since every rank applied the same plan).
+            strategy.model = pl_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
 
     def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule, budget: int | None) -> None:
         if self._merger is None:
@@ -281,7 +331,7 @@ class MergeCallback(Callback):
             step = self._merger.step()
             rank_zero_info(
                 f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
-                f"S={step.score:.4f} a={step.alpha:.3f} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
+                f"S={step.score:.4f} {'a=%.3f' % step.alpha if step.alpha is not None else step.operator} -> {step.depth_after} layers ({time.perf_counter() - tick:.1f} s)"
             )
             budget = None if budget is None else budget - 1
             self._assert_same_step_on_all_ranks(trainer, step.to_json())
@@ -324,18 +374,21 @@ class MergeCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(pl_module, "fold_adapters"):
+            pl_module.fold_adapters()  # export plain weights
         if self._plan and not self._finished:
             self._finish(trainer, pl_module, dict(pl_module.last_metrics))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": list(self._plan), "before": self._before, "layers_before": self._layers_before, "params_before": self._params_before}
+        return {"plan": list(self._plan), "before": self._before, "after_merge": self._after_merge, "layers_before": self._layers_before, "params_before": self._params_before}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The merged structure itself is restored by MKAModule.on_load_checkpoint (modules load before callbacks).
         self._plan = list(state_dict.get("plan", []))
         self._before = state_dict.get("before")
+        self._after_merge = state_dict.get("after_merge")
         self._layers_before = state_dict.get("layers_before", self._layers_before)
         self._params_before = state_dict.get("params_before", self._params_before)
 
@@ -373,6 +426,7 @@ class MergeCallback(Callback):
             "params_after": count_parameters(pl_module.model),
             "metrics_before": self._before or {},
             "metrics_after": after,
+            **({"metrics_after_merge_before_healing": self._after_merge} if self._after_merge is not None else {}),
             "merge_plan": plan,
             "compression_seconds": round(compression_seconds, 2),
             "first_pass_seconds": round(stats.first_pass_seconds, 2),

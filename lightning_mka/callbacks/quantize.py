@@ -1,0 +1,129 @@
+"""``QuantizeCallback``: quantize the merged model (bitsandbytes int8 / nf4), measure it, export it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_mka.errors import MKAError
+from lightning_mka.evaluation import Evaluator
+from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.quantization import check_quant_mode, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
+
+
+class QuantizeCallback(Callback):
+    """Quantize the model after merging, evaluate each quantized model on the validation data, export it.
+
+    Runs once the ``MergeCallback`` has finished (end of ``validate``, or end of ``fit`` after healing); put it after
+    the ``MergeCallback`` in the callback list. The source is the ``MergeCallback``'s export (or the in-memory model,
+    saved to a temporary directory). Results go to ``<log dir>/quantization.json``: bytes on disk and in memory, and
+    the validation metrics of every quantized model next to the float model's.
+
+    Args:
+        modes: any of ``int8`` (LLM.int8) and ``nf4`` (4-bit NormalFloat, double quantization).
+        export_dir: where the quantized models go; ``{mode}`` is replaced by the mode (default: the merged export's
+            path + ``-{mode}``; no export when neither exists).
+        overwrite: replace existing quantized exports.
+        evaluate: measure the quantized models on the validation dataloaders.
+    """
+
+    def __init__(self, modes: list[str] | None = None, export_dir: str | None = None, overwrite: bool = False, evaluate: bool = True) -> None:
+        super().__init__()
+        self.modes = [check_quant_mode(m) for m in (modes if modes is not None else ["int8", "nf4"])]
+        if not self.modes:
+            raise MKAError("QuantizeCallback needs at least one mode: int8 or nf4")
+        for mode in self.modes:
+            require_bitsandbytes(mode)
+        if export_dir is not None and "{mode}" not in export_dir and len(self.modes) > 1:
+            raise MKAError(f"export_dir {export_dir!r} must contain {{mode}} when quantizing to several modes")
+        self.export_dir = export_dir
+        self.overwrite = overwrite
+        self.evaluate = evaluate
+        self.results: dict[str, Any] = {}
+        self._done = False
+        for mode in self.modes:
+            target = self._target(mode, None)
+            if target is not None:
+                check_export_dir(target, overwrite)
+
+    def _target(self, mode: str, merged_export: str | None) -> str | None:
+        if self.export_dir is not None:
+            return self.export_dir.replace("{mode}", mode)
+        return f"{merged_export.rstrip('/')}-{mode}" if merged_export else None
+
+    @staticmethod
+    def _merge_callback(trainer: L.Trainer):
+        from lightning_mka.callbacks.merge import MergeCallback
+
+        return next((cb for cb in trainer.callbacks if isinstance(cb, MergeCallback)), None)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        merge = self._merge_callback(trainer)
+        if trainer.state.fn == "validate" and not trainer.sanity_checking and (merge is None or merge._finished):
+            self._run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._done:
+            return
+        self._done = True
+        merge = self._merge_callback(trainer)
+        merged_export = merge.export_dir if merge is not None else None
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        temp = None
+        if merged_export is None or not Path(merged_export, "config.json").exists():
+            # Quantize from float weights on disk: save the in-memory model to a temporary directory (rank 0).
+            temp = Path(tempfile.mkdtemp(prefix="mka-quantize-")) if trainer.is_global_zero else None
+            temp = trainer.strategy.broadcast(temp, src=0)
+            if trainer.is_global_zero:
+                pl_module.model.save_pretrained(temp)
+            trainer.strategy.barrier("mka_quantize_source")
+            source = temp
+        else:
+            source = Path(merged_export)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        results: dict[str, Any] = {
+            "source": str(source) if temp is None else "in-memory model",
+            "float": {"bytes_on_disk": directory_bytes(source), "bytes_in_memory": weight_bytes(pl_module.model), "metrics": dict(pl_module.last_metrics)},
+        }
+        try:
+            for mode in self.modes:
+                tick = time.perf_counter()
+                model = load_quantized(source, mode)
+                entry: dict[str, Any] = {"bytes_in_memory": weight_bytes(model), "load_seconds": round(time.perf_counter() - tick, 2)}
+                if self.evaluate and trainer.val_dataloaders is not None:
+                    loaders = trainer.val_dataloaders
+                    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+                    evaluator = Evaluator(pl_module._val_names(len(loaders)), pl_module._num_topics(), pl_module._reference_top1,
+                                          record_reference=False, reduce=pl_module._sum_over_ranks)
+                    tick = time.perf_counter()
+                    entry["metrics"] = evaluator.run(model, loaders)
+                    entry["eval_seconds"] = round(time.perf_counter() - tick, 2)
+                target = self._target(mode, merged_export)
+                if target is not None and trainer.is_global_zero:
+                    export_pretrained(model, tokenizer, target, overwrite=self.overwrite)
+                    entry["export_dir"] = str(Path(target).resolve())
+                    entry["bytes_on_disk"] = directory_bytes(target)
+                results[mode] = entry
+                del model
+                rank_zero_info(f"[mka] {mode}: {entry.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk, {entry['bytes_in_memory'] / 1e6:.1f} MB in memory, "
+                               + ", ".join(f"{k}={v:.3f}" for k, v in entry.get("metrics", {}).items() if k.endswith("_ppl")))
+        finally:
+            if temp is not None and trainer.is_global_zero:
+                shutil.rmtree(temp, ignore_errors=True)
+        self.results = results
+        if trainer.is_global_zero:
+            write_json_atomic(out_dir / "quantization.json", results)
+        trainer.strategy.barrier("mka_quantize_done")

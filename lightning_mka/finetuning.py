@@ -1,0 +1,86 @@
+"""Which parameters heal a merged model: all, the layers next to merges, or LoRA adapters (``peft``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from lightning_mka.errors import MKAError
+
+TRAINABLE = ("all", "merged", "lora")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_trainable(mode: str, lora_rank: int = 8) -> None:
+    if mode not in TRAINABLE:
+        raise MKAError(f"unknown trainable {mode!r}; use one of {', '.join(TRAINABLE)}")
+    if mode == "lora":
+        require_peft()
+        if lora_rank < 1:
+            raise MKAError(f"lora_rank must be >= 1, got {lora_rank}")
+
+
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise MKAError("trainable: lora needs peft; pip install peft (or pip install 'lightning-mka[lora]'), or use trainable: all | merged") from None
+
+
+def current_origins(depth_before: int, plan: Iterable[dict]) -> list[list[int]]:
+    """Original layers inside every current layer after the recorded merges and drops."""
+    origins = [[i] for i in range(depth_before)]
+    for record in plan:
+        if record.get("op", "merge") == "drop":
+            gone = set(int(i) for i in record["remove"])
+            origins = [o for i, o in enumerate(origins) if i not in gone]
+            continue
+        l, m = (int(i) for i in record["pair"])
+        origins[l] = sorted(origins[l] + origins[m])
+        del origins[m]
+    return origins
+
+
+def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
+    """Current indices of merged layers and their immediate neighbours."""
+    depth_before = depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
+    origins = current_origins(depth_before, plan)
+    merged = {i for i, o in enumerate(origins) if len(o) > 1}
+    return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(".lora_" in name for name, _ in model.named_parameters())
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None) -> None:
+    """Fresh LoRA adapters on the decoder's linear layers; only they train (B starts at 0: no change in function)."""
+    require_peft()
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets or DEFAULT_LORA_TARGETS))
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+
+def fold_lora(model: nn.Module) -> int:
+    """Merge every LoRA adapter into its base weight and put the plain ``nn.Linear`` back; returns how many."""
+    if not has_lora(model):
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    folded = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            base = module.get_base_layer()
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+            folded += 1
+    if hasattr(model, "peft_config"):
+        del model.peft_config  # injection bookkeeping; fresh adapters are injected after the next merge
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return folded

@@ -1,0 +1,246 @@
+"""Parallel merge of two adjacent pre-norm decoder layers, and pruning the widened layer back to size (pure torch).
+
+Two pre-norm layers ``l``, ``m`` run one after the other. ``parallel_merge`` replaces them by ONE layer whose two
+sub-blocks each run both layers' work side by side on the same input:
+
+    a   = A_l(h) + A_m(h)                 attention heads of both layers, concatenated
+    out = h + a + M_l(h + a) + M_m(h + a) MLP neurons of both layers, concatenated
+
+where ``A_x`` / ``M_x`` are the original sub-blocks *with their own norm weights* (folded into the columns of
+q/k/v and gate/up; the new norms' weights are 1). This is exact: the widened layer computes precisely the
+per-sub-block parallel form above (``tests/test_parallel.py`` checks it to float32 tolerance). It removes depth, not
+parameters. ``prune_parallel_layer`` cuts the widened layer back to the original width (whole KV groups with their
+query heads, MLP neurons) by their measured contribution to the layer output on calibration activations, and
+optionally refits ``o_proj`` / ``down_proj`` by ridge least squares so the pruned sub-blocks match the widened ones.
+
+Architectures: exact for pre-norm Llama, Mistral and Qwen2 (q/k/v biases concatenate; a bias on ``o_proj`` or
+``down_proj`` is summed). Refused with an error for Qwen3 (per-layer q/k norms after the projection cannot be folded
+through RoPE) and Gemma3 (post-attention / post-MLP norms: norm(A_l + A_m) != norm(A_l) + norm(A_m)).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_mka.errors import MKAError
+
+PARALLEL_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def check_parallel_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PARALLEL_ARCHITECTURES:
+        reason = {
+            "qwen3": "its per-layer q/k norms act after the projections and cannot be folded through RoPE",
+            "gemma3_text": "its post-attention and post-MLP norms make a parallel sum inexact",
+        }.get(model_type, "it is not a plain pre-norm Llama-style layer")
+        raise MKAError(
+            f"merge_operator parallel is not exact for model_type={model_type!r} ({reason}); use merge_operator: average, "
+            f"or a model of type {', '.join(PARALLEL_ARCHITECTURES)}"
+        )
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    neurons: int
+
+
+def layer_width(layer: nn.Module) -> LayerWidth:
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    return LayerWidth(
+        kv_heads=attn.k_proj.out_features // head_dim,
+        q_heads=attn.q_proj.out_features // head_dim,
+        head_dim=head_dim,
+        neurons=mlp.down_proj.in_features,
+    )
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight.to(like.weight.dtype))
+        if bias is not None:
+            new.bias.copy_(bias.to(like.weight.dtype))
+    new.weight.requires_grad_(like.weight.requires_grad)
+    return new
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float()
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    return norm.weight.detach().float().clone()
+
+
+def _check_pair(a: nn.Module, b: nn.Module) -> None:
+    wa, wb = layer_width(a), layer_width(b)
+    if wa.head_dim != wb.head_dim or wa.q_heads // wa.kv_heads != wb.q_heads // wb.kv_heads:
+        raise MKAError("parallel merge needs the same head_dim and query heads per KV group in both layers")
+    eps_a = getattr(a.input_layernorm, "variance_epsilon", getattr(a.input_layernorm, "eps", None))
+    eps_b = getattr(b.input_layernorm, "variance_epsilon", getattr(b.input_layernorm, "eps", None))
+    if eps_a != eps_b:
+        raise MKAError("parallel merge needs the same RMSNorm epsilon in both layers")
+
+
+@torch.no_grad()
+def parallel_merged_layer(first: nn.Module, second: nn.Module) -> nn.Module:
+    """A new layer computing ``first`` and ``second`` side by side (see module docstring); both stay unchanged."""
+    _check_pair(first, second)
+    target, source = copy.deepcopy(first), second
+    ta, sa = target.self_attn, source.self_attn
+    n_in_t, n_in_s = _norm_weight(target.input_layernorm), _norm_weight(source.input_layernorm)
+    n_post_t, n_post_s = _norm_weight(target.post_attention_layernorm), _norm_weight(source.post_attention_layernorm)
+
+    def cat_in(lin_t: nn.Linear, lin_s: nn.Linear, norm_t: torch.Tensor, norm_s: torch.Tensor) -> nn.Linear:
+        # Fold the norm weight into the input columns: W (w * x) = (W diag(w)) x.
+        weight = torch.cat([lin_t.weight.float() * norm_t, lin_s.weight.float() * norm_s], dim=0)
+        bias = None if lin_t.bias is None else torch.cat([_f32(lin_t.bias), _f32(lin_s.bias)])
+        return _linear(weight, bias, lin_t)
+
+    def cat_out(lin_t: nn.Linear, lin_s: nn.Linear) -> nn.Linear:
+        weight = torch.cat([lin_t.weight.float(), lin_s.weight.float()], dim=1)
+        bias = None if lin_t.bias is None else _f32(lin_t.bias) + _f32(lin_s.bias)
+        return _linear(weight, bias, lin_t)
+
+    # Query heads [target's, source's] and KV groups [target's, source's]: head j of the second half maps to group
+    # (n_q + j) // g = n_kv + j // g, so every query head keeps its own layer's keys and values.
+    ta.q_proj = cat_in(ta.q_proj, sa.q_proj, n_in_t, n_in_s)
+    ta.k_proj = cat_in(ta.k_proj, sa.k_proj, n_in_t, n_in_s)
+    ta.v_proj = cat_in(ta.v_proj, sa.v_proj, n_in_t, n_in_s)
+    ta.o_proj = cat_out(ta.o_proj, sa.o_proj)
+    tm, sm = target.mlp, source.mlp
+    tm.gate_proj = cat_in(tm.gate_proj, sm.gate_proj, n_post_t, n_post_s)
+    tm.up_proj = cat_in(tm.up_proj, sm.up_proj, n_post_t, n_post_s)
+    tm.down_proj = cat_out(tm.down_proj, sm.down_proj)
+    target.input_layernorm.weight.fill_(1.0)
+    target.post_attention_layernorm.weight.fill_(1.0)
+    _sync_widths(target)
+    return target
+
+
+def _sync_widths(layer: nn.Module) -> None:
+    """Keep the informational width attributes some modules carry in line with the weights."""
+    width = layer_width(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    for name, value in (("num_heads", width.q_heads), ("num_key_value_heads", width.kv_heads)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = width.neurons
+
+
+# ---- pruning back to the original width ------------------------------------------------------------------
+
+
+class GramAccumulator:
+    """Accumulates X^T X (float64) of a linear layer's inputs over calibration tokens (padding excluded)."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if mask is not None:
+            x = x[mask.reshape(-1).bool()]
+        x = x.double()
+        gram = x.T @ x
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.count += x.shape[0]
+
+
+def contribution_importance(weight: torch.Tensor, gram: torch.Tensor, groups: int) -> torch.Tensor:
+    """Summed squared contribution of each input group to the output: sum_x ||W_G x_G||^2 = tr(W_G G_GG W_G^T).
+
+    ``weight`` (out, in) is the output projection, ``gram`` (in, in) its inputs' Gram matrix; the inputs are cut into
+    ``groups`` equal contiguous groups (neurons: one column each; KV groups: all their query heads' columns).
+    """
+    w = weight.double()
+    size = w.shape[1] // groups
+    blocks = ((w.T @ w) * gram).reshape(groups, size, groups, size)
+    return blocks.diagonal(dim1=0, dim2=2).sum(dim=(0, 1))
+
+
+def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least squares: the weight on the kept inputs whose output best matches the full projection's output.
+
+    min_W' sum ||W' x_K - W x||^2  ->  W'^T = (G_KK + lambda I)^-1 G_K: W^T, lambda = ridge * mean diag(G_KK).
+    """
+    g_kk = gram[keep][:, keep]
+    g_ka = gram[keep]
+    lam = ridge * float(g_kk.diagonal().mean()) if g_kk.numel() else 0.0
+    eye = torch.eye(len(keep), dtype=gram.dtype)
+    solution = torch.linalg.solve(g_kk + lam * eye, g_ka @ weight.double().T)
+    return solution.T
+
+
+def _rows(lin: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    bias = None if lin.bias is None else lin.bias.detach()[index]
+    return _linear(lin.weight.detach()[index], bias, lin)
+
+
+def _cols(lin: nn.Linear, index: torch.Tensor, weight: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.detach()[:, index] if weight is None else weight
+    return _linear(w, None if lin.bias is None else lin.bias.detach(), lin)
+
+
+def kv_group_columns(groups: torch.Tensor, q_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices into q_proj (all query heads of the groups) and k/v_proj (the groups' heads), in order."""
+    q_heads = (groups[:, None] * q_per_group + torch.arange(q_per_group)).reshape(-1)
+    q_index = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    kv_index = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    return q_index, kv_index
+
+
+@torch.no_grad()
+def prune_attention(layer: nn.Module, kv_heads: int, gram: torch.Tensor | None, refit: bool, ridge: float = 1e-3,
+                    keep_groups: list[int] | None = None) -> list[int]:
+    """Keep ``kv_heads`` KV groups (with their query heads) of a widened layer; returns the kept group indices.
+
+    ``keep_groups`` given: keep exactly those (replaying a recorded plan, no data needed). Otherwise the groups with
+    the largest contribution to ``o_proj``'s output on calibration data (``gram`` of ``o_proj``'s inputs).
+    """
+    width = layer_width(layer)
+    attn = layer.self_attn
+    g = width.q_heads // width.kv_heads
+    if keep_groups is None:
+        assert gram is not None
+        scores = contribution_importance(attn.o_proj.weight, gram, width.kv_heads)
+        keep_groups = sorted(scores.argsort(descending=True)[:kv_heads].tolist())
+    groups = torch.tensor(keep_groups, dtype=torch.long)
+    q_index, kv_index = kv_group_columns(groups, g, width.head_dim)
+    attn.q_proj = _rows(attn.q_proj, q_index)
+    attn.k_proj = _rows(attn.k_proj, kv_index)
+    attn.v_proj = _rows(attn.v_proj, kv_index)
+    weight = refit_output(attn.o_proj.weight, gram, q_index, ridge) if refit and gram is not None else None
+    attn.o_proj = _cols(attn.o_proj, q_index, weight)
+    _sync_widths(layer)
+    return keep_groups
+
+
+@torch.no_grad()
+def prune_mlp(layer: nn.Module, neurons: int, gram: torch.Tensor | None, refit: bool, ridge: float = 1e-3,
+              keep_neurons: list[int] | None = None) -> list[int]:
+    """Keep ``neurons`` MLP neurons of a widened layer (largest contribution to ``down_proj``'s output)."""
+    mlp = layer.mlp
+    if keep_neurons is None:
+        assert gram is not None
+        width = layer_width(layer)
+        scores = contribution_importance(mlp.down_proj.weight, gram, width.neurons)
+        keep_neurons = sorted(scores.argsort(descending=True)[:neurons].tolist())
+    index = torch.tensor(keep_neurons, dtype=torch.long)
+    mlp.gate_proj = _rows(mlp.gate_proj, index)
+    mlp.up_proj = _rows(mlp.up_proj, index)
+    weight = refit_output(mlp.down_proj.weight, gram, index, ridge) if refit and gram is not None else None
+    mlp.down_proj = _cols(mlp.down_proj, index, weight)
+    _sync_widths(layer)
+    return keep_neurons
