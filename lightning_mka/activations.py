@@ -185,19 +185,23 @@ class LayerPointCollector:
     # ---- passes ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, batches: Iterable[dict[str, torch.Tensor]], start: int = 0) -> None:
-        """One forward pass over the calibration batches, recomputing layers ``start..L-1``.
+    def run(self, batches: Iterable[dict[str, torch.Tensor]], start: int = 0, stop: int | None = None) -> None:
+        """One forward pass over the calibration batches, recomputing layers ``start..stop-1`` (default: to the end).
 
-        ``start > 0`` needs the inputs cached by an earlier pass; the layers before ``start`` are not run.
+        ``start > 0`` needs the inputs cached by an earlier pass; the layers before ``start`` are not run, and with
+        ``stop`` neither are the layers from ``stop`` on (their points and inputs are kept as they were).
         """
         num_layers = len(self.layers)
+        stop = num_layers if stop is None else stop
+        if not start < stop <= num_layers:
+            raise ValueError(f"bad layer range {start}..{stop} of {num_layers}")
         if start > 0 and not (self.cache_inputs and len(self.inputs) == num_layers):
             raise RuntimeError("suffix recomputation needs the cached inputs of a previous full pass")
         if start == 0:
             self.points = [torch.empty(0)] * num_layers
             self.inputs = [[] for _ in range(num_layers)] if self.cache_inputs else []
-        new_points: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, num_layers)}
-        new_inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, num_layers)}
+        new_points: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
+        new_inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
         ids_all: list[torch.Tensor] = []
         state: dict = {}
 
@@ -220,21 +224,29 @@ class LayerPointCollector:
 
             return pre_hook
 
+        def stop_hook(_module, _args, _output):
+            raise _StopForward
+
         handles = []
-        for i in range(start, num_layers):
+        for i in range(start, stop):
             handles.append(self.layers[i].register_forward_hook(make_hook(i)))
             if self.cache_inputs:
                 handles.append(self.layers[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
+        if stop < num_layers:
+            handles.append(self.layers[stop - 1].register_forward_hook(stop_hook))  # after the point hook
         with suffix_only(self.base_model, start, lambda: self.inputs[start][state["batch"]]), _hooks(handles):
             device = next(self.base_model.parameters()).device
             for b, batch in enumerate(batches):
                 state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
-                self.base_model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                )
-        for i in range(start, num_layers):
+                try:
+                    self.base_model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
+                except _StopForward:
+                    pass
+        for i in range(start, stop):
             self.points[i] = torch.cat(new_points[i]) if new_points[i] else torch.empty(0)
             if self.cache_inputs:
                 self.inputs[i] = new_inputs[i]

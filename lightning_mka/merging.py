@@ -29,6 +29,7 @@ def local_gather(points: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 SELECTIONS = ("similarity", "verify")
+RESCORE_SCOPES = ("suffix", "merged")
 DEFAULT_ALPHA_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
@@ -41,6 +42,12 @@ class MergeConfig:
         the lowest NLL on the first ``verify_batches`` calibration batches;
       - ``selection="verify"``: merge each of the ``verify_top`` most similar candidate pairs tentatively and keep the
         one whose merge gives the lowest calibration NLL. Both recompute only the suffix from the pair on.
+      - with a parallel ``merge_operator``, ``alpha="search"`` compares the parallel merge with dropping either layer
+        of the pair (a = 1 or 0) by the same calibration NLL.
+
+    ``rescore_scope``: after a merge at position ``l``, recompute the points of layers ``l..L-1`` (``suffix``, exact:
+    the spec) or of layer ``l`` only (``merged``: the layers after it keep their points from the previous pass, an
+    approximation that makes rescoring cost one layer instead of the suffix).
 
     ``merge_operator``: ``average`` (the paper: ``a*theta_l + (1-a)*theta_m``), ``parallel`` (one widened layer running
     both layers side by side; exact, removes depth, keeps parameters) or ``parallel_pruned`` (``parallel``, then pruned
@@ -60,6 +67,7 @@ class MergeConfig:
     verify_top: int = 3
     verify_batches: int = 1
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    rescore_scope: str = "suffix"
     merge_operator: str = "average"
     prune_refit: bool = True
     refit_ridge: float = 1e-3
@@ -81,8 +89,10 @@ class MergeConfig:
             if getattr(self, name) < 1:
                 raise MKAError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_merge_operator(self.merge_operator)
-        if not self.averages and self.alpha == "search":
-            raise MKAError(f"alpha: search applies to merge_operator average only, not {self.merge_operator!r}")
+        if self.rescore_scope not in RESCORE_SCOPES:
+            raise MKAError(f"unknown rescore_scope {self.rescore_scope!r}; use one of {', '.join(RESCORE_SCOPES)}")
+        if self.rescore_scope == "merged" and not self.cache_inputs:
+            raise MKAError("rescore_scope: merged recomputes the merged layer from its cached input; set cache_inputs: true")
         if self.refit_ridge < 0:
             raise MKAError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
         if not self.alpha_grid:
@@ -182,7 +192,8 @@ class LayerMerger:
             if self.similarity is None:
                 start = 0
             tick = time.perf_counter()
-            self.collector.run(self.batches(), start=start)
+            stop = start + 1 if start > 0 and self.config.rescore_scope == "merged" else self.depth
+            self.collector.run(self.batches(), start=start, stop=stop)
             seconds = time.perf_counter() - tick
             self.stats.collect_seconds += seconds
             if start == 0:
@@ -191,11 +202,11 @@ class LayerMerger:
                     self.stats.first_pass_seconds = seconds
             else:
                 self.stats.suffix_passes += 1
-            self.stats.layer_evaluations += self.depth - start
+            self.stats.layer_evaluations += stop - start
             tick = time.perf_counter()
             assert self.collector.point_ids is not None
             points = self.gather(self.collector.matrix(), self.collector.point_ids)
-            features = self._features[:start] + [layer_feature(points[i], self.config.similarity) for i in range(start, self.depth)]
+            features = self._features[:start] + [layer_feature(points[i], self.config.similarity) for i in range(start, stop)] + self._features[stop:]
             self._features = features
             self.similarity = similarity_matrix(features, self.config.similarity)
             self.stats.score_seconds += time.perf_counter() - tick
@@ -215,13 +226,14 @@ class LayerMerger:
         candidates = candidate_pairs(self.depth, cfg.max_distance, cfg.keep_first, cfg.keep_last)
         l, m, score = choose_pair(similarity, candidates)
         nll = None
+        operator = cfg.merge_operator
         if cfg.uses_nll:
-            l, m, alpha, nll = self._verified_choice(similarity, candidates)
+            l, m, operator, alpha, nll = self._verified_choice(similarity, candidates)
             score = float(similarity[l, m])
         else:
             alpha = merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None
         tick = time.perf_counter()
-        kept = self._apply(l, m, alpha)
+        kept = self._apply(l, m, alpha, operator)
         self.stats.merge_seconds += time.perf_counter() - tick
         record = MergeStep(
             step=len(self.plan) + 1,
@@ -233,7 +245,7 @@ class LayerMerger:
             depth_after=self.depth - 1,
             rescored=rescored,
             calibration_nll=nll,
-            operator=cfg.merge_operator,
+            operator=operator,
             **kept,
         )
         self.origins[l] = record.merged_original
@@ -254,31 +266,39 @@ class LayerMerger:
         self._stale_from = 0
         self._merges_since_rescore = 0
 
-    def _verified_choice(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> tuple[int, int, float, float]:
-        """Among the candidates to verify, the (pair, alpha) whose tentative merge gives the lowest calibration NLL."""
+    def _options(self, similarity: torch.Tensor, l: int, m: int) -> list[tuple[str, float | None]]:
+        """(operator, alpha) options tried for one pair. ``alpha: search`` with a parallel operator also tries
+        dropping either layer (``average`` with a = 1 or 0), so a step is never worse on calibration than a drop."""
+        cfg = self.config
+        if cfg.averages:
+            alphas = cfg.alpha_grid if cfg.alpha == "search" else (merge_alpha(cfg.alpha, similarity, l, m),)
+            return [("average", a) for a in alphas]
+        options: list[tuple[str, float | None]] = [(cfg.merge_operator, None)]
+        if cfg.alpha == "search":
+            options += [("average", 1.0), ("average", 0.0)]
+        return options
+
+    def _verified_choice(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> tuple[int, int, str, float | None, float]:
+        """Among the candidates to verify, the (pair, operator, alpha) whose tentative merge gives the lowest
+        calibration NLL."""
         cfg = self.config
         ranked = sorted(candidates, key=lambda p: (-float(similarity[p[0], p[1]]), p[0], p[1]))
         pool = ranked[: cfg.verify_top] if cfg.selection == "verify" else ranked[:1]
-        best: tuple[float, int, int, float] | None = None
+        best: tuple[float, int, int, str, float | None] | None = None
         for l, m in pool:
-            if cfg.alpha == "search":
-                alphas: tuple = cfg.alpha_grid
-            else:
-                alphas = (merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None,)
-            for alpha in alphas:
-                with merged_temporarily(self.model, l, m, alpha, cfg.merge_operator):
-                    if cfg.merge_operator == "parallel_pruned":
+            for operator, alpha in self._options(similarity, l, m):
+                with merged_temporarily(self.model, l, m, alpha, operator):
+                    if operator == "parallel_pruned":
                         self._prune(l)
                     nll = self._slice_nll(start=l)
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
-                    best = (nll, l, m, alpha)
+                    best = (nll, l, m, operator, alpha)
         assert best is not None
-        nll, l, m, alpha = best
-        return l, m, alpha, nll
+        nll, l, m, operator, alpha = best
+        return l, m, operator, alpha, nll
 
-    def _apply(self, l: int, m: int, alpha: float | None, recorded: MergeStep | None = None) -> dict:
-        """Merge ``m`` into ``l`` with the configured operator; for ``parallel_pruned`` also prune (data-driven)."""
-        operator = recorded.operator if recorded is not None else self.config.merge_operator
+    def _apply(self, l: int, m: int, alpha: float | None, operator: str) -> dict:
+        """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven)."""
         apply_merge(self.model, l, m, operator, alpha)
         if operator != "parallel_pruned":
             return {}
@@ -290,7 +310,9 @@ class LayerMerger:
         base, layers = decoder_stack(self.model)
         layer = layers[l]
         config = self.model.config
-        cached = self.collector.inputs[l] if self.config.cache_inputs and len(self.collector.inputs) == len(layers) else None
+        # Layer l's input is unchanged by merging l with the layer after it, so its cached input stays valid.
+        inputs = self.collector.inputs
+        cached = inputs[l] if self.config.cache_inputs and len(inputs) > l and inputs[l] else None
         state: dict = {}
 
         def gram_of(module) -> torch.Tensor:
@@ -345,7 +367,7 @@ class LayerMerger:
                 raise MKAError(f"cannot resume: step {step.step} is a {step.op!r}, not a merge")
             l, m = step.pair
             if apply:
-                kept = self._apply(l, m, step.alpha, recorded=step)
+                kept = self._apply(l, m, step.alpha, step.operator)
                 if kept and (kept["kept_kv_groups"] != step.kept_kv_groups or kept["kept_neurons"] != step.kept_neurons):
                     raise MKAError(f"cannot resume: replaying step {step.step} pruned differently than recorded; the calibration data or model changed")
             self.origins[l] = sorted(self.origins[l] + self.origins[m])

@@ -83,3 +83,40 @@ def test_search_needs_fresh_inputs():
         MergeConfig(alpha="search", rescore_every=2)
     with pytest.raises(MKAError, match="unknown selection 'greedy'"):
         MergeConfig(selection="greedy")
+
+
+def test_rescore_scope_merged_recomputes_only_the_merged_layer():
+    """``merged`` scope: the merged layer's points are exact, later layers keep their previous points."""
+    exact_model, approx_model = tiny_model("llama", layers=6), tiny_model("llama", layers=6)
+    lengths = torch.full((8,), 24)
+    points = PointSpec("tokens", 64, 0)
+    exact = LayerMerger(exact_model, MergeConfig(points=points), batches(), lengths)
+    approx = LayerMerger(approx_model, MergeConfig(points=points, rescore_scope="merged"), batches(), lengths)
+    for merger in (exact, approx):
+        merger.step()
+        merger.rescore()
+    l = exact.plan[0].pair[0]
+    assert approx.plan[0].pair == exact.plan[0].pair
+    assert torch.equal(approx.collector.points[l], exact.collector.points[l])  # the merged layer: recomputed
+    assert not torch.equal(approx.collector.points[l + 1], exact.collector.points[l + 1])  # stale downstream
+    assert approx.stats.layer_evaluations == 6 + 1 and exact.stats.layer_evaluations == 6 + (5 - l)
+
+
+def test_parallel_pruned_search_also_tries_drops():
+    """alpha: search with parallel_pruned: the lowest calibration NLL among {parallel_pruned, drop m, drop l}."""
+    model = tiny_model("llama", layers=6)
+    config = MergeConfig(alpha="search", merge_operator="parallel_pruned", points=PointSpec("tokens", 64, 0))
+    data = batches()
+    merger = LayerMerger(copy.deepcopy(model), config, data, torch.full((8,), 24))
+    merger.rescore()
+    l, m = max(candidate_pairs(6, 1, 1, 1), key=lambda p: (float(merger.similarity[p]), -p[0]))
+    nll = {}
+    for option, alpha in (("parallel_pruned", None), ("average", 1.0), ("average", 0.0)):
+        trial = LayerMerger(copy.deepcopy(model), MergeConfig(merge_operator="parallel_pruned", points=PointSpec("tokens", 64, 0)), data, torch.full((8,), 24))
+        trial.rescore()
+        trial._apply(l, m, alpha, option)
+        nll[(option, alpha)] = full_nll(trial.model, next(data()))
+    step = merger.step()
+    best = min(nll, key=nll.get)
+    assert (step.operator, step.alpha) == best and step.pair == (l, m)
+    assert step.calibration_nll == pytest.approx(nll[best], abs=1e-5)

@@ -55,6 +55,8 @@ class MergeCallback(Callback):
         max_distance: merge layers at most this far apart (1: adjacent).
         keep_first, keep_last: layers at each end that are never merged.
         rescore_every: re-collect points and re-score after this many merges.
+        rescore_scope: ``suffix`` (exact: recompute every layer from the merged one on) | ``merged`` (recompute the
+            merged layer only; later layers keep their previous points: an approximation, about one layer per merge).
         merges_per_validation: merges after each validation epoch in ``fit``.
         selection: ``similarity`` (the most similar pair, the paper) | ``verify`` (among the ``verify_top`` most
             similar pairs, the one whose tentative merge gives the lowest NLL on the first ``verify_batches``
@@ -103,6 +105,7 @@ class MergeCallback(Callback):
         keep_first: int = 1,
         keep_last: int = 1,
         rescore_every: int = 1,
+        rescore_scope: str = "suffix",
         merges_per_validation: int = 1,
         selection: str = "similarity",
         verify_top: int = 3,
@@ -142,6 +145,7 @@ class MergeCallback(Callback):
             keep_first=keep_first,
             keep_last=keep_last,
             rescore_every=rescore_every,
+            rescore_scope=rescore_scope,
             cache_inputs=cache_inputs,
             selection=selection,
             verify_top=verify_top,
