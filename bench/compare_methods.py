@@ -49,9 +49,12 @@ MKA_VARIANTS: dict[str, dict] = {
     # merge operators (lightning_mka.parallel): "mka" above is the paper's weight average (mka-average)
     "mka-parallel": {"merge_operator": "parallel"},  # depth only: keeps every parameter
     "mka-parallel-pruned": {"merge_operator": "parallel_pruned"},  # pruned back: same size as a drop
+    "mka-parallel-pruned-widened": {"merge_operator": "parallel_pruned", "refit_target": "widened"},
     "mka-parallel-pruned-verify": {"merge_operator": "parallel_pruned", "selection": "verify"},
     # parallel_pruned, or dropping either layer of the NPIB pair, whichever gives the lower calibration NLL
     "mka-parallel-pruned-search": {"merge_operator": "parallel_pruned", "alpha": "search"},
+    "mka-parallel-pruned-search-verify": {"merge_operator": "parallel_pruned", "alpha": "search", "selection": "verify"},
+    "mka-merged-scope": {"rescore_scope": "merged"},  # the spec, rescoring only the merged layer (speed ablation)
 }
 
 

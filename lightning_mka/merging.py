@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_mka.activations import LayerPointCollector, PointSpec, run_through_layer, sample_token_positions, suffix_only
+from lightning_mka.activations import LayerPointCollector, PointSpec, hidden_of, run_through_layer, sample_token_positions, suffix_only
 from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
@@ -52,7 +52,9 @@ class MergeConfig:
     ``merge_operator``: ``average`` (the paper: ``a*theta_l + (1-a)*theta_m``), ``parallel`` (one widened layer running
     both layers side by side; exact, removes depth, keeps parameters) or ``parallel_pruned`` (``parallel``, then pruned
     back to the original width on calibration activations, ``o_proj`` / ``down_proj`` refit by ridge least squares when
-    ``prune_refit``). See ``lightning_mka.parallel``.
+    ``prune_refit``). See ``lightning_mka.parallel``. ``refit_target``: ``original`` (default) refits ``down_proj`` so
+    the pruned layer reproduces the two original layers run in sequence; ``widened`` matches the unpruned parallel
+    layer (``o_proj`` always matches the widened attention).
     """
 
     alpha: str | float = "similarity"
@@ -71,6 +73,7 @@ class MergeConfig:
     merge_operator: str = "average"
     prune_refit: bool = True
     refit_ridge: float = 1e-3
+    refit_target: str = "original"
 
     @property
     def averages(self) -> bool:
@@ -93,6 +96,8 @@ class MergeConfig:
             raise MKAError(f"unknown rescore_scope {self.rescore_scope!r}; use one of {', '.join(RESCORE_SCOPES)}")
         if self.rescore_scope == "merged" and not self.cache_inputs:
             raise MKAError("rescore_scope: merged recomputes the merged layer from its cached input; set cache_inputs: true")
+        if self.refit_target not in ("widened", "original"):
+            raise MKAError(f"unknown refit_target {self.refit_target!r}; use widened or original")
         if self.refit_ridge < 0:
             raise MKAError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
         if not self.alpha_grid:
@@ -287,9 +292,11 @@ class LayerMerger:
         best: tuple[float, int, int, str, float | None] | None = None
         for l, m in pool:
             for operator, alpha in self._options(similarity, l, m):
+                layers = decoder_stack(self.model)[1]
+                originals = (layers[l], layers[m])
                 with merged_temporarily(self.model, l, m, alpha, operator):
                     if operator == "parallel_pruned":
-                        self._prune(l)
+                        self._prune(l, originals)
                     nll = self._slice_nll(start=l)
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
                     best = (nll, l, m, operator, alpha)
@@ -299,36 +306,70 @@ class LayerMerger:
 
     def _apply(self, l: int, m: int, alpha: float | None, operator: str) -> dict:
         """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven)."""
+        layers = decoder_stack(self.model)[1]
+        originals = (layers[min(l, m)], layers[max(l, m)])
         apply_merge(self.model, l, m, operator, alpha)
         if operator != "parallel_pruned":
             return {}
-        return self._prune(l)
+        return self._prune(l, originals)
 
     @torch.no_grad()
-    def _prune(self, l: int) -> dict:
-        """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set."""
+    def _prune(self, l: int, originals: tuple[nn.Module, nn.Module]) -> dict:
+        """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set.
+
+        ``originals``: the two layers it replaced, run in sequence as the refit target when ``refit_target`` is
+        ``original``.
+        """
         base, layers = decoder_stack(self.model)
         layer = layers[l]
         config = self.model.config
+        cfg = self.config
         # Layer l's input is unchanged by merging l with the layer after it, so its cached input stays valid.
         inputs = self.collector.inputs
-        cached = inputs[l] if self.config.cache_inputs and len(inputs) > l and inputs[l] else None
+        cached = inputs[l] if cfg.cache_inputs and len(inputs) > l and inputs[l] else None
         state: dict = {}
 
-        def gram_of(module) -> torch.Tensor:
+        def statistics(module, with_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Gram matrix of ``module``'s inputs; with ``with_target`` also X^T (y_original - h_after_attention)."""
             acc = GramAccumulator()
-            handle = module.register_forward_pre_hook(lambda _m, args: acc.add(args[0], state["mask"]))
+            cross: list[torch.Tensor] = []
+            handles = []
+
+            def capture(_m, args):
+                x = args[0]
+                acc.add(x, state["mask"])
+                if with_target:
+                    keep = state["mask"].reshape(-1).bool()
+                    xf = x.reshape(-1, x.shape[-1])[keep].double()
+                    residual = state["target"] - state["h1"]  # what the MLP must add for the originals' output
+                    target = residual.reshape(-1, residual.shape[-1])[keep].double()
+                    cross.append(xf.T @ target)
+
+            handles.append(module.register_forward_pre_hook(capture))
+            if with_target:
+                def run_originals(_m, args, kwargs):
+                    h = args[0] if args else kwargs["hidden_states"]
+                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                    out = hidden_of(originals[0](h, *args[1:], **rest))
+                    state["target"] = hidden_of(originals[1](out, *args[1:], **rest))
+
+                handles.append(layer.register_forward_pre_hook(run_originals, with_kwargs=True))
+                handles.append(layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: state.update(h1=args[0])))
             try:
                 run_through_layer(base, l, self.batches(), cached, on_batch=lambda b: state.update(mask=b["attention_mask"]))
             finally:
-                handle.remove()
+                for h in handles:
+                    h.remove()
             assert acc.gram is not None
-            return self.reduce(acc.gram)  # summed over ranks: every rank prunes the same way
+            # Summed over ranks: every rank prunes the same way.
+            return self.reduce(acc.gram), (self.reduce(torch.stack(cross).sum(0)) if with_target else None)
 
-        cfg = self.config
-        groups = prune_attention(layer, config.num_key_value_heads, gram_of(layer.self_attn.o_proj), cfg.prune_refit, cfg.refit_ridge)
+        gram, _ = statistics(layer.self_attn.o_proj, False)
+        groups = prune_attention(layer, config.num_key_value_heads, gram, cfg.prune_refit, cfg.refit_ridge)
         # The MLP sees the pruned attention's output: measure it after the attention is final.
-        neurons = prune_mlp(layer, config.intermediate_size, gram_of(layer.mlp.down_proj), cfg.prune_refit, cfg.refit_ridge)
+        original_target = cfg.prune_refit and cfg.refit_target == "original"
+        gram, cross = statistics(layer.mlp.down_proj, original_target)
+        neurons = prune_mlp(layer, config.intermediate_size, gram, cfg.prune_refit, cfg.refit_ridge, cross=cross)
         return {"kept_kv_groups": groups, "kept_neurons": neurons}
 
     @torch.no_grad()

@@ -170,16 +170,18 @@ def contribution_importance(weight: torch.Tensor, gram: torch.Tensor, groups: in
     return blocks.diagonal(dim1=0, dim2=2).sum(dim=(0, 1))
 
 
-def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least squares: the weight on the kept inputs whose output best matches the full projection's output.
+def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float, cross: torch.Tensor | None = None) -> torch.Tensor:
+    """Least squares: the weight on the kept inputs whose output best matches a target.
 
-    min_W' sum ||W' x_K - W x||^2  ->  W'^T = (G_KK + lambda I)^-1 G_K: W^T, lambda = ridge * mean diag(G_KK).
+    Target the full projection's output (``cross`` None): min_W' sum ||W' x_K - W x||^2, so
+    W'^T = (G_KK + lambda I)^-1 G_K: W^T; or any target y with ``cross`` = sum x y^T (in, out): W'^T =
+    (G_KK + lambda I)^-1 cross_K. lambda = ridge * mean diag(G_KK).
     """
     g_kk = gram[keep][:, keep]
-    g_ka = gram[keep]
+    rhs = gram[keep] @ weight.double().T if cross is None else cross[keep]
     lam = ridge * float(g_kk.diagonal().mean()) if g_kk.numel() else 0.0
     eye = torch.eye(len(keep), dtype=gram.dtype)
-    solution = torch.linalg.solve(g_kk + lam * eye, g_ka @ weight.double().T)
+    solution = torch.linalg.solve(g_kk + lam * eye, rhs)
     return solution.T
 
 
@@ -229,8 +231,11 @@ def prune_attention(layer: nn.Module, kv_heads: int, gram: torch.Tensor | None, 
 
 @torch.no_grad()
 def prune_mlp(layer: nn.Module, neurons: int, gram: torch.Tensor | None, refit: bool, ridge: float = 1e-3,
-              keep_neurons: list[int] | None = None) -> list[int]:
-    """Keep ``neurons`` MLP neurons of a widened layer (largest contribution to ``down_proj``'s output)."""
+              keep_neurons: list[int] | None = None, cross: torch.Tensor | None = None) -> list[int]:
+    """Keep ``neurons`` MLP neurons of a widened layer (largest contribution to ``down_proj``'s output).
+
+    ``cross`` (sum over tokens of x y^T): refit ``down_proj`` towards that target instead of the widened output.
+    """
     mlp = layer.mlp
     if keep_neurons is None:
         assert gram is not None
@@ -240,7 +245,7 @@ def prune_mlp(layer: nn.Module, neurons: int, gram: torch.Tensor | None, refit: 
     index = torch.tensor(keep_neurons, dtype=torch.long)
     mlp.gate_proj = _rows(mlp.gate_proj, index)
     mlp.up_proj = _rows(mlp.up_proj, index)
-    weight = refit_output(mlp.down_proj.weight, gram, index, ridge) if refit and gram is not None else None
+    weight = refit_output(mlp.down_proj.weight, gram, index, ridge, cross) if refit and gram is not None else None
     mlp.down_proj = _cols(mlp.down_proj, index, weight)
     _sync_widths(layer)
     return keep_neurons

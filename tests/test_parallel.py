@@ -199,3 +199,33 @@ def test_parallel_keeps_all_parameters_and_refuses_export(tiny_model_dir, tiny_c
 
     with pytest.raises(MKAError, match="parallel_pruned to export"):
         MergeCallback(target_layers=3, merge_operator="parallel", export_dir=str(tmp_path / "x"))
+
+
+def test_refit_towards_the_original_pair_matches_it_better():
+    """refit_target original: down_proj is refit so the pruned layer reproduces the two ORIGINAL layers in sequence."""
+    import copy
+
+    from lightning_mka.activations import PointSpec
+    from lightning_mka.merging import LayerMerger, MergeConfig
+    from test_search_verify import batches
+
+    model = tiny_model("llama", layers=6, initializer_range=0.1)
+    first, second = decoder_stack(model)[1][2], decoder_stack(model)[1][3]
+
+    def rope(x):
+        return model.model.rotary_emb(x, torch.arange(x.shape[1])[None].expand(x.shape[0], -1))
+
+    errors, kept = {}, {}
+    for target in ("widened", "original"):
+        config = MergeConfig(merge_operator="parallel_pruned", refit_target=target, refit_ridge=0.0, points=PointSpec("tokens", 64, 0))
+        merger = LayerMerger(copy.deepcopy(model), config, batches(), torch.full((8,), 24))
+        merger.collector.run(merger.batches())
+        kept[target] = merger._apply(2, 3, None, "parallel_pruned")
+        merged = decoder_stack(merger.model)[1][2]
+        errors[target] = 0.0
+        with torch.no_grad():
+            for x in merger.collector.inputs[2]:  # the calibration inputs the refit saw
+                original = _layer_out(second, _layer_out(first, x, rope(x)), rope(x))
+                errors[target] += float((_layer_out(merged, x, rope(x)) - original).pow(2).sum())
+    assert kept["widened"] == kept["original"]  # the same units are kept; only the refit target differs
+    assert errors["original"] < errors["widened"]

@@ -56,3 +56,30 @@ def test_merge_on_smollm2_exports_a_model_that_reloads_and_generates(compressed)
         cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
         plain = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_parallel_pruned_on_smollm2_keeps_gqa_widths_and_round_trips(tmp_path, smollm2_dir):
+    """One parallel_pruned merge on the real model (9 query / 3 KV heads): standard widths, reload, same logits."""
+    from transformers import AutoModelForCausalLM
+
+    L.seed_everything(0)
+    module = MKAModule(model="smollm2-135m")
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=256, batch_size=4,
+                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
+    callback = MergeCallback(target_layers=29, num_points=512, merge_operator="parallel_pruned", export_dir=str(tmp_path / "export"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=data)
+    results = json.loads((tmp_path / "logs" / "version_0" / "results.json").read_text())
+    step = results["merge_plan"][0]
+    assert step["operator"] == "parallel_pruned" and len(step["kept_kv_groups"]) == 3 and len(step["kept_neurons"]) == 1536
+    assert results["metrics_after"]["wiki_ppl"] < 2 * results["metrics_before"]["wiki_ppl"]  # one merge: still a working model
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    merged = decoder_stack(model)[1][step["pair"][0]]
+    assert merged.self_attn.q_proj.out_features == 9 * 64 and merged.self_attn.k_proj.out_features == 3 * 64
+    ids = torch.randint(100, 5000, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, module.model(ids).logits, rtol=1e-4, atol=1e-4)
+        cached = model.generate(ids[:, :8], max_new_tokens=10, do_sample=False, use_cache=True)
+        plain = model.generate(ids[:, :8], max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

@@ -69,6 +69,8 @@ class MergeCallback(Callback):
             Mistral, Qwen2.
         prune_refit: ``parallel_pruned`` refits ``o_proj`` / ``down_proj`` by least squares on calibration activations.
         refit_ridge: ridge of that refit, relative to the mean diagonal of the Gram matrix.
+        refit_target: ``original`` (``down_proj`` refit so the pruned layer reproduces the two original layers in
+            sequence) | ``widened`` (match the unpruned parallel layer).
         seed: seeds the token-position sample.
         cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
         export_dir: where to ``save_pretrained`` the compressed model (None: no export).
@@ -114,6 +116,7 @@ class MergeCallback(Callback):
         merge_operator: str = "average",
         prune_refit: bool = True,
         refit_ridge: float = 1e-3,
+        refit_target: str = "original",
         seed: int = 0,
         cache_inputs: bool = True,
         export_dir: str | None = None,
@@ -153,6 +156,7 @@ class MergeCallback(Callback):
             merge_operator=merge_operator,
             prune_refit=prune_refit,
             refit_ridge=refit_ridge,
+            refit_target=refit_target,
             **({"alpha_grid": tuple(alpha_grid)} if alpha_grid is not None else {}),
         )
         if merge_operator == "parallel" and export_dir is not None:
