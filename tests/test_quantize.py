@@ -50,3 +50,19 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch):
 def test_unknown_quantization_mode():
     with pytest.raises(MKAError, match="unknown quantization 'int4'"):
         QuantizeCallback(modes=["int4"])
+
+
+def test_quantize_after_healing_in_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    L.seed_everything(0)
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1e-3)
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8,
+                                 seq_len=32, batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    merge = MergeCallback(target_layers=5, num_points=128, export_dir=str(tmp_path / "healed"))
+    quantize = QuantizeCallback(modes=["nf4"])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, callbacks=[merge, quantize], logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=-1)
+    trainer.fit(module, datamodule=data)
+    results = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
+    name = f"{tiny_heldout}_ppl"
+    assert results["float"]["metrics"][name] == module.last_metrics[name]  # the healed model's final validation
+    assert name in results["nf4"]["metrics"] and (tmp_path / "healed-nf4" / "config.json").exists()
