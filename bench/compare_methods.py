@@ -100,7 +100,7 @@ def run_mka(variant, dense, data, ks, reference, log):
             tick = time.perf_counter()
             merger.merge_to(depth - k)
             elapsed += time.perf_counter() - tick
-        plan = [f"{s.pair_original[0]}+{s.pair_original[1]}" + (f"@{s.alpha:.2f}" if s.alpha is not None else "" if s.operator == "average" else f"/{s.operator}") for s in merger.plan]
+        plan = [f"{s.pair_original[0]}+{s.pair_original[1]}" + (f"@{s.alpha:.2f}" if s.alpha is not None else f"/{s.operator}") for s in merger.plan]
         log(f"{variant} k={k}: {plan} ({elapsed:.0f} s)")
         rows.append(row(variant, k, depth - k, model, evaluate(model, data, reference, False), elapsed, peak["mb"], plan, data))
         log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")

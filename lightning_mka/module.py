@@ -137,9 +137,16 @@ class MKAModule(L.LightningModule):
         # Agreement is measured against the model's own predictions recorded while no merge has happened yet.
         return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks)
 
-    def evaluate(self, dataloaders) -> dict[str, float]:
-        """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``)."""
-        loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    def evaluate(self, dataloaders, model=None) -> dict[str, float]:
+        """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``).
+
+        ``model``: evaluate another model (e.g. a quantized copy) on the same data and dense reference instead;
+        ``last_metrics`` then stays the wrapped model's.
+        """
+        loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        if model is not None:
+            evaluator = Evaluator(self._val_names(len(loaders)), self._num_topics(), self._reference_top1, record_reference=False, reduce=self._sum_over_ranks)
+            return evaluator.run(model, loaders)
         was_training = self.model.training
         self.model.eval()
         self.last_metrics = self._new_evaluator(self._val_names(len(loaders))).run(self.model, loaders)

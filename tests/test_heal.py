@@ -1,6 +1,5 @@
 """Merge-then-finetune: which parameters heal, merging before the first step, LoRA, and DDP fit."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -135,6 +134,6 @@ def test_heal_config_parses(tmp_path):
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-mka-heal.yaml").read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    merge = copy.deepcopy(callbacks["MergeCallback"])
+    merge = dict(callbacks["MergeCallback"])
     assert MergeCallback(**merge).target_layers == 21 or merge.get("compression_ratio") == 0.3
     assert config["trainer"]["num_sanity_val_steps"] == -1 and config["data"]["train_samples"] > 0

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
-from lightning_mka.evaluation import Evaluator
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.quantization import check_quant_mode, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 
@@ -104,12 +103,8 @@ class QuantizeCallback(Callback):
                 model = load_quantized(source, mode)
                 entry: dict[str, Any] = {"bytes_in_memory": weight_bytes(model), "load_seconds": round(time.perf_counter() - tick, 2)}
                 if self.evaluate and trainer.val_dataloaders is not None:
-                    loaders = trainer.val_dataloaders
-                    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
-                    evaluator = Evaluator(pl_module._val_names(len(loaders)), pl_module._num_topics(), pl_module._reference_top1,
-                                          record_reference=False, reduce=pl_module._sum_over_ranks)
                     tick = time.perf_counter()
-                    entry["metrics"] = evaluator.run(model, loaders)
+                    entry["metrics"] = pl_module.evaluate(trainer.val_dataloaders, model=model)
                     entry["eval_seconds"] = round(time.perf_counter() - tick, 2)
                 target = self._target(mode, merged_export)
                 if target is not None and trainer.is_global_zero:
