@@ -80,3 +80,17 @@ def peak_rss():
 
 def process_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def heldaside_ids(tokenizer, count: int = 16, seq_len: int = 512) -> torch.Tensor:
+    """The LAST ``count`` packed sequences of the wiki calibration-source articles.
+
+    Calibration and training read that source from its start (16 calibration sequences, then at most a few hundred
+    training ones, of the ~1,060 it holds at 512 tokens), so its tail is text that neither sees and that is not the
+    evaluation split either: the place to choose defaults (never the held-out wiki / lee evaluation texts).
+    """
+    from lightning_mka.datamodules.calibration import pack_sequences
+    from lightning_mka.datamodules.sources import iter_texts
+
+    packed = pack_sequences(iter_texts("wiki", "calibration"), tokenizer, seq_len, 10**9)
+    return packed[-count:]
