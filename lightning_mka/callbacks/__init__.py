@@ -1,4 +1,5 @@
 from lightning_mka.callbacks.merge import MergeCallback
+from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.callbacks.quantize import QuantizeCallback
 
-__all__ = ["MergeCallback", "QuantizeCallback"]
+__all__ = ["MergeCallback", "ProgressLines", "QuantizeCallback"]

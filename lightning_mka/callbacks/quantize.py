@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
+from lightning_mka.surgery import num_layers
 
 
 class QuantizeCallback(Callback):
@@ -61,11 +62,16 @@ class QuantizeCallback(Callback):
         self.evaluate = evaluate
         self.skip_modules = list(skip_modules) if skip_modules else None
         self.results: dict[str, Any] = {}
+        self._layers = 0
         self._done = False
         for mode in self.modes:
             target = self._target(mode, None)
             if target is not None:
                 check_export_dir(target, overwrite)
+
+    def comparison_columns(self) -> dict[str, dict[str, float]]:
+        """One column per quantized model for the before / after table (``MergeCallback`` prints it)."""
+        return {mode: {"layers": self._layers, **self.results[mode].get("metrics", {})} for mode in self.modes if mode in self.results}
 
     def _target(self, mode: str, merged_export: str | None) -> str | None:
         if self.export_dir is not None:
@@ -84,6 +90,13 @@ class QuantizeCallback(Callback):
         # The quantized models run on CPU (load_quantized's device_map).
         for mode in self.modes:
             check_quantizable(pl_module.model, mode, "cpu", self.skip_modules)
+        merge = self._merge_callback(trainer)
+        if merge is not None and merge._target is None:
+            raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
+        for mode in self.modes:  # the merged export's name is known now (MergeCallback.setup resolved it)
+            target = self._target(mode, merge.export_dir if merge is not None else None)
+            if target is not None:
+                check_export_dir(target, self.overwrite)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -132,7 +145,7 @@ class QuantizeCallback(Callback):
                     entry["bytes_on_disk"] = directory_bytes(target)
                 if self.evaluate and trainer.val_dataloaders is not None:
                     tick = time.perf_counter()
-                    entry["metrics"] = pl_module.evaluate(trainer.val_dataloaders, model=model)
+                    entry["metrics"] = pl_module.evaluate(trainer.val_dataloaders, model=model, desc=f"evaluation of the {mode} model")
                     entry["eval_seconds"] = round(time.perf_counter() - tick, 2)
                 results[mode] = entry
                 del model
@@ -142,6 +155,7 @@ class QuantizeCallback(Callback):
             if temp is not None and trainer.is_global_zero:
                 shutil.rmtree(temp, ignore_errors=True)
         self.results = results
+        self._layers = num_layers(pl_module.model)
         if trainer.is_global_zero:
             write_json_atomic(out_dir / "quantization.json", results)
         trainer.strategy.barrier("mka_quantize_done")
