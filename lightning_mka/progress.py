@@ -58,7 +58,7 @@ class Progress:
         self.done = 0
         self.info = ""
         self._start = self._last_line = time.perf_counter()
-        self._last_fraction = 0.0
+        self._next_fraction = every_fraction
         self._closed = False
         self._bar = None
         if enabled and is_terminal(self.stream):
@@ -80,10 +80,10 @@ class Progress:
             return
         now = time.perf_counter()
         fraction = self.done / self.total if self.total else 0.0
-        due_by_fraction = self.total and fraction - self._last_fraction >= self.every_fraction and now - self._last_line >= self.min_seconds
+        due_by_fraction = self.total and fraction >= self._next_fraction - 1e-9 and now - self._last_line >= self.min_seconds
         if (due_by_fraction or now - self._last_line >= self.every_seconds) and self.done != self.total:
             self._line(now)
-            self._last_fraction = fraction
+            self._next_fraction = (math.floor(fraction / self.every_fraction + 1e-9) + 1) * self.every_fraction
 
     def _line(self, now: float, end: bool = False) -> None:
         units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")

@@ -68,7 +68,7 @@ def trainer(tmp_path, callbacks, **kwargs):
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
-def test_quantize_after_merging_exports_reloadable_smaller_models(cpu_layout, quant_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+def test_quantize_after_merging_exports_reloadable_smaller_models(cpu_layout, quant_model_dir, tiny_corpus, tiny_heldout, tmp_path, capsys):
     L.seed_everything(0)
     module = MKAModule(model=str(quant_model_dir))
     data = CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=8, seq_len=32,
@@ -79,6 +79,13 @@ def test_quantize_after_merging_exports_reloadable_smaller_models(cpu_layout, qu
     results = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
     name = f"{tiny_heldout}_ppl"
     float_ppl = results["float"]["metrics"][name]
+    # printed last, after Lightning's own table: the comparison, with a column per quantized model
+    out = capsys.readouterr().out.strip().splitlines()
+    header = max(i for i, line in enumerate(out) if line.startswith("metric "))
+    assert out[header].split() == ["metric", "dense", "compressed", "int8", "nf4"] and header > max(
+        (i for i, line in enumerate(out) if "Validate metric" in line), default=-1)
+    ppl_row = next(line.split() for line in out[header:] if line.startswith(name))
+    assert ppl_row[2:] == [f"{float_ppl:.4g}", f"{results['int8']['metrics'][name]:.4g}", f"{results['nf4']['metrics'][name]:.4g}"]
     for mode in ("int8", "nf4"):
         entry = results[mode]
         assert entry["bytes_on_disk"] < results["float"]["bytes_on_disk"]

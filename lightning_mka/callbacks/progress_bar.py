@@ -69,6 +69,8 @@ class ProgressLines(ProgressBar):
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train is not None and self._train.done == self._train.total:  # the epoch's training is over: say so first
+            self.on_train_epoch_end(trainer, pl_module)
         batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
         total = sum(batches) if isinstance(batches, list) else batches
         stage = "sanity check (validation)" if trainer.sanity_checking else "validation"
