@@ -141,13 +141,16 @@ class Evaluator:
                 self.agree[name] += float((reference == pred).sum())
                 self.agree_tokens[name] += float(reference.numel())
 
-    def run(self, model, loaders) -> dict[str, float]:
+    def run(self, model, loaders, on_batch=None) -> dict[str, float]:
+        """Evaluate ``model`` on every loader; ``on_batch()`` is called after each batch (e.g. progress)."""
         device = next(model.parameters()).device
         for name, loader in zip(self.names, loaders):
             for batch in loader:
                 if name != "mmlu":
                     batch = {k: v.to(device) for k, v in batch.items()}
                 self.step(model, batch, name)
+                if on_batch is not None:
+                    on_batch()
         return self.summary()
 
     def summary(self) -> dict[str, float]:

@@ -4,11 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
 from lightning_mka.errors import MKAError
+
+# Placeholders an export path may hold, resolved once the model and the final depth are known (before any work).
+EXPORT_PLACEHOLDERS = ("model", "layers")
+
+
+def model_name(source: str) -> str:
+    """A short name for a model argument: an asset name as is, a directory's name, a ``.gguf`` file's stem, the name
+    part of a hub id ``org/name``; characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``."""
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        name = path.stem if path.suffix == ".gguf" else path.resolve().name
+    else:
+        name = str(source).rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def export_placeholders(template: str) -> set[str]:
+    """The placeholders in an export path; an unknown one or a malformed template is refused."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as err:
+        raise MKAError(f"export path {template!r} is not a valid template ({err}); write placeholders as {{model}} or {{layers}}") from None
+    unknown = fields - set(EXPORT_PLACEHOLDERS)
+    if unknown:
+        raise MKAError(f"export path {template!r} has unknown placeholder(s) {', '.join(sorted(unknown))}; use {{model}} and {{layers}} (final depth)")
+    return fields
+
+
+def resolve_export_path(template: str, model: str, layers: int) -> str:
+    """``exports/{model}-mka-{layers}L`` -> ``exports/smollm2-135m-mka-21L`` (a path without placeholders is kept)."""
+    export_placeholders(template)
+    return template.format(model=model_name(model), layers=layers)
 
 
 def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:

@@ -151,6 +151,7 @@ class LayerMerger:
         batches: returns a fresh iterable over this rank's calibration batches (same order every call).
         lengths: non-padding length of every calibration sequence, all ranks together (for ``tokens`` points).
         gather: assembles the global point matrix from every rank's points (identity on one process).
+        progress: ``progress(batches, description)`` wraps the batches of each calibration pass (e.g. to show it).
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class LayerMerger:
         lengths: torch.Tensor,
         gather: Gather = local_gather,
         reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        progress: Callable[[Iterable, str], Iterable] = lambda batches, _desc: batches,
     ) -> None:
         base, layers = decoder_stack(model)
         self.model = model
@@ -168,6 +170,7 @@ class LayerMerger:
         self.batches = batches
         self.gather = gather
         self.reduce = reduce
+        self.progress = progress  # wraps the batches of each calibration pass to show its progress
         spec = config.points
         num_points = spec.num_points if spec.mode == "tokens" else int(len(lengths))
         config.similarity.check_points(num_points)
@@ -198,7 +201,8 @@ class LayerMerger:
                 start = 0
             tick = time.perf_counter()
             stop = start + 1 if start > 0 and self.config.rescore_scope == "merged" else self.depth
-            self.collector.run(self.batches(), start=start, stop=stop)
+            what = f"calibration pass ({self.depth} layers)" if start == 0 else f"rescoring layers {start}-{stop - 1}"
+            self.collector.run(self.progress(self.batches(), what), start=start, stop=stop)
             seconds = time.perf_counter() - tick
             self.stats.collect_seconds += seconds
             if start == 0:

@@ -12,6 +12,7 @@ from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
 from lightning_mka.loading import load_model, parse_dtype
 from lightning_mka.merging import replay_plan
+from lightning_mka.progress import Progress
 from lightning_mka.surgery import decoder_stack
 
 
@@ -137,20 +138,23 @@ class MKAModule(L.LightningModule):
         # Agreement is measured against the model's own predictions recorded while no merge has happened yet.
         return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks)
 
-    def evaluate(self, dataloaders, model=None) -> dict[str, float]:
+    def evaluate(self, dataloaders, model=None, desc: str = "evaluation") -> dict[str, float]:
         """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``).
 
         ``model``: evaluate another model (e.g. a quantized copy) on the same data and dense reference instead;
-        ``last_metrics`` then stays the wrapped model's.
+        ``last_metrics`` then stays the wrapped model's. ``desc`` names the evaluation in its progress.
         """
         loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        if model is not None:
-            evaluator = Evaluator(self._val_names(len(loaders)), self._num_topics(), self._reference_top1, record_reference=False, reduce=self._sum_over_ranks)
-            return evaluator.run(model, loaders)
-        was_training = self.model.training
-        self.model.eval()
-        self.last_metrics = self._new_evaluator(self._val_names(len(loaders))).run(self.model, loaders)
-        self.model.train(was_training)
+        trainer = self._trainer
+        shown = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        with Progress(sum(len(loader) for loader in loaders), desc, enabled=shown) as progress:
+            if model is not None:
+                evaluator = Evaluator(self._val_names(len(loaders)), self._num_topics(), self._reference_top1, record_reference=False, reduce=self._sum_over_ranks)
+                return evaluator.run(model, loaders, on_batch=progress.update)
+            was_training = self.model.training
+            self.model.eval()
+            self.last_metrics = self._new_evaluator(self._val_names(len(loaders))).run(self.model, loaders, on_batch=progress.update)
+            self.model.train(was_training)
         return self.last_metrics
 
     def on_validation_epoch_start(self) -> None:

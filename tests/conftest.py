@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_guard import repository_unchanged  # noqa: F401  (autouse, session: the suite leaves the repository as it was)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

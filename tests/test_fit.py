@@ -16,7 +16,7 @@ def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None):
                                  batch_size=4, eval_texts=[str(heldout)], eval_samples=4)
     callback = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[callback, checkpoints], logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[callback, checkpoints], logger=False, default_root_dir=root,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer

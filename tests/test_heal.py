@@ -113,7 +113,7 @@ def test_fit_resume_with_parallel_pruned_equals_uninterrupted(tiny_model_dir, ti
                                      seq_len=32, batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
         callback = MergeCallback(target_layers=3, num_points=128, merge_operator="parallel_pruned")
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback, checkpoints], logger=False,
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback, checkpoints], logger=False, default_root_dir=root,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         return module

@@ -19,11 +19,12 @@ from typing_extensions import override
 from lightning_mka.activations import PointSpec
 from lightning_mka.baselines import angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
-from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
-from lightning_mka.reporting import count_parameters, peak_rss_mb, print_summary, similarity_heatmap
+from lightning_mka.progress import track
+from lightning_mka.reporting import comparison_columns, comparison_table, count_parameters, peak_rss_mb, print_summary, similarity_heatmap
 from lightning_mka.similarity import SimilarityConfig
 from lightning_mka.surgery import decoder_stack, drop_layers, num_layers
 
@@ -73,13 +74,17 @@ class MergeCallback(Callback):
             sequence) | ``widened`` (match the unpruned parallel layer).
         seed: seeds the token-position sample.
         cache_inputs: keep each layer's input hidden states so rescoring reruns only the layers from the merge on.
-        export_dir: where to ``save_pretrained`` the compressed model (None: no export).
+        export_dir: where to ``save_pretrained`` the compressed model (None: no export). It may name the model and the
+            final depth with placeholders, e.g. ``exports/{model}-mka-{layers}L`` (``{model}``: the asset name, the
+            directory's or file's name, or a hub id's name part); they are resolved and the directory checked for
+            writing at ``setup``, before any work.
         overwrite: replace an existing ``export_dir``.
         resume: continue an interrupted run. After every merge the plan is saved (atomically) to ``progress_file``;
             rerunning the same command replays it and goes on, ending with the same weights as an uninterrupted
             run. The file is removed once the export is written. A progress file from a different configuration
             is refused.
-        progress_file: where progress is kept (default: ``<export_dir>.mka-progress.json``; none without export_dir).
+        progress_file: where progress is kept (default: ``<export_dir>.mka-progress.json``, following the resolved
+            export dir; none without export_dir). Same placeholders as ``export_dir``.
         evaluate_before_healing: in ``fit``, evaluate the model right after the last merge, before the remaining
             fine-tuning (reported as ``metrics_after_merge_before_healing``).
 
@@ -171,12 +176,13 @@ class MergeCallback(Callback):
         self.merges_per_validation = merges_per_validation
         self.export_dir = export_dir
         self.overwrite = overwrite
-        if export_dir is not None:
-            check_export_dir(export_dir, overwrite)
         self.resume = resume
-        if progress_file is None and export_dir is not None:
-            progress_file = str(Path(export_dir).expanduser()) + ".mka-progress.json"
-        self.progress_file = Path(progress_file).expanduser() if progress_file else None
+        self.progress_file: Path | None = None
+        self._export_template = export_dir
+        self._progress_template = progress_file
+        templates = [t for t in (export_dir, progress_file) if t is not None]
+        if not any([export_placeholders(t) for t in templates]):
+            self._resolve_outputs("", 0)  # plain paths: checked now; templates at setup, once model and depth are known
         self._target: int | None = None
         self._merger: LayerMerger | None = None
         self._plan: list[dict] = []
@@ -189,6 +195,7 @@ class MergeCallback(Callback):
         self._fingerprint = ""
         self._out_dir = Path(".")
         self._after_merge: dict[str, float] | None = None
+        self._results: dict[str, Any] | None = None
         self.evaluate_before_healing = evaluate_before_healing
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ class MergeCallback(Callback):
                 yield {k: v.to(device) if k != "index" else v for k, v in batch.items()}
 
         reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
-        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce)
+        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce, progress=self._progress(trainer))
         self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
         if pl_module.merge_plan:  # restored from a checkpoint: the module already replayed these merges
             merger.replay(pl_module.merge_plan, apply=False)
@@ -244,6 +251,23 @@ class MergeCallback(Callback):
             merger.replay(progress["steps"])
             rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(progress['steps'])} merges")
         return merger
+
+    @staticmethod
+    def _progress(trainer: L.Trainer):
+        """Wraps a calibration pass's batches to show its progress (rank 0, unless progress bars are off)."""
+        shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        total = len(trainer.datamodule.calibration_dataloader())
+        return lambda batches, desc: track(batches, desc, total=total, enabled=shown)
+
+    def _resolve_outputs(self, model: str, layers: int) -> None:
+        """The export dir and progress file from their templates; the export dir is checked for writing."""
+        if self._export_template is not None:
+            self.export_dir = resolve_export_path(self._export_template, model, layers)
+            check_export_dir(self.export_dir, self.overwrite)
+        progress = self._progress_template
+        if progress is None and self.export_dir is not None:
+            progress = str(Path(self.export_dir).expanduser()) + ".mka-progress.json"
+        self.progress_file = Path(resolve_export_path(progress, model, layers)).expanduser() if progress else None
 
     def _configuration_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """What determines the plan: model, merge options, target, calibration data (not evaluation or export)."""
@@ -274,6 +298,8 @@ class MergeCallback(Callback):
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self._target is None:
             self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+            source = getattr(pl_module, "hparams", {}).get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
+            self._resolve_outputs(str(source), self._target)
             self._layers_before = depth
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()
@@ -302,7 +328,7 @@ class MergeCallback(Callback):
                 self._drop(trainer, pl_module)
         pl_module.merge_plan = list(self._plan)
         if validating:
-            after = pl_module.evaluate(trainer.val_dataloaders)
+            after = pl_module.evaluate(trainer.val_dataloaders, desc="evaluation of the compressed model")
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"after/{k}": v for k, v in after.items()}, step=len(self._plan))
             self._finish(trainer, pl_module, after)
@@ -310,7 +336,7 @@ class MergeCallback(Callback):
         self._rebuild_for_training(trainer, pl_module)
         if num_layers(pl_module.model) <= self._target and self.evaluate_before_healing:
             # The merged model before any healing at its final depth: the baseline the healing is measured against.
-            self._after_merge = pl_module.evaluate(trainer.val_dataloaders)
+            self._after_merge = pl_module.evaluate(trainer.val_dataloaders, desc="evaluation of the merged model, before healing")
             rank_zero_info("[mka] merged, before healing: " + ", ".join(f"{k}={v:.3f}" for k, v in self._after_merge.items() if k.endswith("_ppl")))
 
     @staticmethod
@@ -367,7 +393,7 @@ class MergeCallback(Callback):
             datamodule = trainer.datamodule
             datamodule.setup("validate")
             base, _ = decoder_stack(pl_module.model)
-            stats = collect_drop_statistics(base, datamodule.calibration_dataloader())
+            stats = collect_drop_statistics(base, self._progress(trainer)(datamodule.calibration_dataloader(), "calibration pass (statistics)"))
             self._stats.full_passes = 1
             self._stats.first_pass_seconds = self._stats.collect_seconds = time.perf_counter() - tick
         remove = select_layers_to_drop(self.method, depth, depth - self._target, stats, self.config.keep_first, self.config.keep_last, self.config.points.seed)
@@ -386,6 +412,20 @@ class MergeCallback(Callback):
             pl_module.fold_adapters()  # export plain weights
         if self._plan and not self._finished:
             self._finish(trainer, pl_module, dict(pl_module.last_metrics))
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The result, printed last: after every callback's end-of-run work (quantization, lm-eval) and after
+        # Lightning's own output. Other callbacks add columns or rows through ``comparison_columns()``.
+        if self._results is None or not trainer.is_global_zero:
+            return
+        columns = comparison_columns(self._results)
+        for callback in trainer.callbacks:
+            if callback is not self and callable(getattr(callback, "comparison_columns", None)):
+                for name, metrics in callback.comparison_columns().items():
+                    columns.setdefault(name, {}).update(metrics)
+        self._results = None  # printed once
+        print(f"[mka] before / after ({', '.join(columns)}):\n" + comparison_table(columns), flush=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -463,6 +503,7 @@ class MergeCallback(Callback):
                     extra_files={"mka_merge_plan.json": {"steps": plan}},
                 )
             write_json_atomic(out / "results.json", results)
+            self._results = results
             if self.progress_file is not None:
                 self.progress_file.unlink(missing_ok=True)  # finished: nothing left to resume
             print_summary(results, out)

@@ -15,7 +15,8 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
-from lightning_mka.quantization import check_quant_mode, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
+from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
+from lightning_mka.surgery import num_layers
 
 
 class QuantizeCallback(Callback):
@@ -32,9 +33,22 @@ class QuantizeCallback(Callback):
             path + ``-{mode}``; no export when neither exists).
         overwrite: replace existing quantized exports.
         evaluate: measure the quantized models on the validation dataloaders.
+        skip_modules: linear layers kept in float besides transformers' defaults (output embedding, tied weights),
+            e.g. ``[down_proj]`` (a suffix, a prefix or a regex, as transformers matches ``llm_int8_skip_modules``).
+
+    At ``setup``, before any other work, every layer to be quantized is checked against what the mode needs on this
+    backend (``lightning_mka.quantization.check_quantizable``): e.g. nf4 on CPUs with AVX512-BF16 needs widths that
+    are multiples of 64 (input) and 32 (output).
     """
 
-    def __init__(self, modes: list[str] | None = None, export_dir: str | None = None, overwrite: bool = False, evaluate: bool = True) -> None:
+    def __init__(
+        self,
+        modes: list[str] | None = None,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        evaluate: bool = True,
+        skip_modules: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.modes = [check_quant_mode(m) for m in (modes if modes is not None else ["int8", "nf4"])]
         if not self.modes:
@@ -46,12 +60,18 @@ class QuantizeCallback(Callback):
         self.export_dir = export_dir
         self.overwrite = overwrite
         self.evaluate = evaluate
+        self.skip_modules = list(skip_modules) if skip_modules else None
         self.results: dict[str, Any] = {}
+        self._layers = 0
         self._done = False
         for mode in self.modes:
             target = self._target(mode, None)
             if target is not None:
                 check_export_dir(target, overwrite)
+
+    def comparison_columns(self) -> dict[str, dict[str, float]]:
+        """One column per quantized model for the before / after table (``MergeCallback`` prints it)."""
+        return {mode: {"layers": self._layers, **self.results[mode].get("metrics", {})} for mode in self.modes if mode in self.results}
 
     def _target(self, mode: str, merged_export: str | None) -> str | None:
         if self.export_dir is not None:
@@ -63,6 +83,20 @@ class QuantizeCallback(Callback):
         from lightning_mka.callbacks.merge import MergeCallback
 
         return next((cb for cb in trainer.callbacks if isinstance(cb, MergeCallback)), None)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before the dense validation and any merge: a model the kernels cannot run is refused in seconds, not after.
+        # The quantized models run on CPU (load_quantized's device_map).
+        for mode in self.modes:
+            check_quantizable(pl_module.model, mode, "cpu", self.skip_modules)
+        merge = self._merge_callback(trainer)
+        if merge is not None and merge._target is None:
+            raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
+        for mode in self.modes:  # the merged export's name is known now (MergeCallback.setup resolved it)
+            target = self._target(mode, merge.export_dir if merge is not None else None)
+            if target is not None:
+                check_export_dir(target, self.overwrite)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,17 +134,19 @@ class QuantizeCallback(Callback):
         try:
             for mode in self.modes:
                 tick = time.perf_counter()
-                model = load_quantized(source, mode)
+                model = load_quantized(source, mode, skip_modules=self.skip_modules)
                 entry: dict[str, Any] = {"bytes_in_memory": weight_bytes(model), "load_seconds": round(time.perf_counter() - tick, 2)}
-                if self.evaluate and trainer.val_dataloaders is not None:
-                    tick = time.perf_counter()
-                    entry["metrics"] = pl_module.evaluate(trainer.val_dataloaders, model=model)
-                    entry["eval_seconds"] = round(time.perf_counter() - tick, 2)
+                # Export before the first forward: on AVX512-BF16 CPUs bitsandbytes repacks nf4 weights for inference,
+                # and saving a repacked layer re-quantizes its scales from bfloat16 (a second, lossy rounding).
                 target = self._target(mode, merged_export)
                 if target is not None and trainer.is_global_zero:
                     export_pretrained(model, tokenizer, target, overwrite=self.overwrite)
                     entry["export_dir"] = str(Path(target).resolve())
                     entry["bytes_on_disk"] = directory_bytes(target)
+                if self.evaluate and trainer.val_dataloaders is not None:
+                    tick = time.perf_counter()
+                    entry["metrics"] = pl_module.evaluate(trainer.val_dataloaders, model=model, desc=f"evaluation of the {mode} model")
+                    entry["eval_seconds"] = round(time.perf_counter() - tick, 2)
                 results[mode] = entry
                 del model
                 rank_zero_info(f"[mka] {mode}: {entry.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk, {entry['bytes_in_memory'] / 1e6:.1f} MB in memory, "
@@ -119,6 +155,7 @@ class QuantizeCallback(Callback):
             if temp is not None and trainer.is_global_zero:
                 shutil.rmtree(temp, ignore_errors=True)
         self.results = results
+        self._layers = num_layers(pl_module.model)
         if trainer.is_global_zero:
             write_json_atomic(out_dir / "quantization.json", results)
         trainer.strategy.barrier("mka_quantize_done")
