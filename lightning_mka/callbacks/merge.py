@@ -17,12 +17,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_mka.activations import PointSpec
-from lightning_mka.baselines import angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
+from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
+from lightning_mka.replaceme import replace_block
 from lightning_mka.reporting import count_parameters, peak_rss_mb, print_summary, similarity_heatmap
 from lightning_mka.similarity import SimilarityConfig
 from lightning_mka.surgery import decoder_stack, drop_layers, num_layers
@@ -44,7 +45,8 @@ class MergeCallback(Callback):
         target_layers: final number of decoder layers; or
         compression_ratio: fraction of layers to remove (30 layers, 0.3 -> 21). Exactly one of the two.
         method: ``mka`` (merge) or a drop baseline on the same data: ``tail`` | ``shortgpt`` | ``angular`` | ``random``
-            (one-shot, from one pass of statistics; see ``lightning_mka.baselines``).
+            | ``replaceme`` (the ``angular`` block replaced by a least-squares linear transform folded into the layer
+            before it; ``lightning_mka.replaceme``); one-shot, from one pass of statistics (``lightning_mka.baselines``).
         alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | ``search``
             (the grid value with the lowest calibration NLL) | a float.
         points: ``tokens`` (P seeded token positions, never position 0) | ``last`` | ``mean``.
@@ -363,8 +365,8 @@ class MergeCallback(Callback):
         depth = num_layers(pl_module.model)
         tick = time.perf_counter()
         stats = None
-        if self.method in ("shortgpt", "angular"):
-            datamodule = trainer.datamodule
+        datamodule = trainer.datamodule
+        if self.method in STATISTICS_METHODS:
             datamodule.setup("validate")
             base, _ = decoder_stack(pl_module.model)
             stats = collect_drop_statistics(base, datamodule.calibration_dataloader())
@@ -374,9 +376,16 @@ class MergeCallback(Callback):
         record: dict[str, Any] = {"step": 1, "op": "drop", "method": self.method, "remove": remove, "depth_after": depth - len(remove)}
         if stats is not None and self.method == "shortgpt":
             record["block_influence"] = [round(float(v), 6) for v in stats.block_influence]
-        if stats is not None and self.method == "angular":
+        if stats is not None and self.method in ("angular", "replaceme"):
             record["angular_distance"] = float(angular_distances(stats.last_states, len(remove))[remove[0]])
-        drop_layers(pl_module.model, remove)
+        if self.method == "replaceme":
+            device = pl_module.device
+            batches = ({k: v.to(device) if k != "index" else v for k, v in b.items()} for b in datamodule.calibration_dataloader())
+            fit_tick = time.perf_counter()
+            record.update(replace_block(pl_module.model, remove[0], remove[-1] + 1, batches))
+            self._stats.merge_seconds = time.perf_counter() - fit_tick  # the least-squares pass and the fold
+        else:
+            drop_layers(pl_module.model, remove)
         self._plan = [record]
         rank_zero_info(f"[mka] {self.method}: dropped layers {remove} -> {record['depth_after']} layers ({time.perf_counter() - tick:.1f} s)")
 
