@@ -31,12 +31,8 @@ from torch import nn
 
 from lightning_mka.activations import hidden_of, run_through_layer
 from lightning_mka.errors import MKAError
+from lightning_mka.parallel import post_mlp_norm, set_norm_scale
 from lightning_mka.surgery import decoder_stack, drop_layers
-
-
-def post_mlp_norm(layer: nn.Module) -> nn.Module | None:
-    """The norm applied to the MLP output before the residual add (Gemma 3), or None (pre-norm Llama-style)."""
-    return getattr(layer, "post_feedforward_layernorm", None)
 
 
 @dataclass
@@ -88,14 +84,6 @@ def fold_transform(down_proj: nn.Linear, transform: torch.Tensor) -> None:
     down_proj.weight.copy_((t.T @ down_proj.weight.double()).to(down_proj.weight.dtype))
     if down_proj.bias is not None:
         down_proj.bias.copy_((t.T @ down_proj.bias.double()).to(down_proj.bias.dtype))
-
-
-@torch.no_grad()
-def set_norm_scale(norm: nn.Module, scale: torch.Tensor) -> None:
-    """Make ``norm``'s effective per-channel scale ``scale`` whatever its convention (``w`` or ``1 + w``)."""
-    probe = torch.ones(1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
-    current = norm(probe)[0].double()  # unit-rms input: the output is the effective scale (eps aside)
-    norm.weight.add_((scale.double().to(current.device) - current).to(norm.weight.dtype))
 
 
 @torch.no_grad()

@@ -62,13 +62,15 @@ class MergeCallback(Callback):
         merges_per_validation: merges after each validation epoch in ``fit``.
         selection: ``similarity`` (the most similar pair, the paper) | ``verify`` (among the ``verify_top`` most
             similar pairs, the one whose tentative merge gives the lowest NLL on the first ``verify_batches``
-            calibration batches).
+            calibration batches) | ``damage`` (``parallel_pruned``: among the ``verify_top`` most similar pairs, the one
+            whose pruned layer reproduces the two original layers best, relative to what the pair adds; from the
+            refit's statistics, no NLL pass).
         alpha_grid: the values ``alpha: search`` tries (default 1, 0.75, 0.5, 0.25, 0; 1 and 0 drop one layer).
         merge_operator: ``average`` (the paper: weights ``a*theta_l + (1-a)*theta_m``) | ``parallel`` (one widened layer
             computing both side by side: exact, removes depth not parameters; cannot be exported, since
             ``from_pretrained`` needs one width for all layers) | ``parallel_pruned`` (``parallel``, then pruned back
-            to the original width by calibration activations; exports like any model). Parallel operators: Llama,
-            Mistral, Qwen2.
+            to the original width by calibration activations; exports like any model). ``parallel``: Llama, Mistral,
+            Qwen2; ``parallel_pruned`` also Qwen3 and Gemma3 (the first layer's attention, both MLPs side by side).
         prune_refit: ``parallel_pruned`` refits ``o_proj`` / ``down_proj`` by least squares on calibration activations.
         refit_ridge: ridge of that refit, relative to the mean diagonal of the Gram matrix.
         refit_target: ``original`` (``down_proj`` refit so the pruned layer reproduces the two original layers in
