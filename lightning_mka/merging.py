@@ -160,6 +160,7 @@ class MergeStats:
     first_pass_seconds: float = 0.0
     score_seconds: float = 0.0
     merge_seconds: float = 0.0
+    select_seconds: float = 0.0  # tentative merges that choose among candidates (verify, search, damage)
 
 
 class LayerMerger:
@@ -253,6 +254,7 @@ class LayerMerger:
         nll = None
         operator = cfg.merge_operator
         prepared = None
+        tick = time.perf_counter()
         if cfg.uses_nll:
             l, m, operator, alpha, nll = self._verified_choice(similarity, candidates)
             score = float(similarity[l, m])
@@ -261,6 +263,7 @@ class LayerMerger:
             score, alpha = float(similarity[l, m]), None
         else:
             alpha = merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None
+        self.stats.select_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
         if prepared is not None:
             layer, kept = prepared
@@ -324,7 +327,7 @@ class LayerMerger:
                 originals = (layers[l], layers[m])
                 with merged_temporarily(self.model, l, m, alpha, operator):
                     if operator == "parallel_pruned":
-                        self._prune(l, originals)
+                        self._prune(l, m, originals)
                     nll = self._slice_nll(start=l)
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
                     best = (nll, l, m, operator, alpha)
@@ -343,7 +346,7 @@ class LayerMerger:
             layers = decoder_stack(self.model)[1]
             originals = (layers[l], layers[m])
             with merged_temporarily(self.model, l, m, None, "parallel_pruned"):
-                kept = self._prune(l, originals)
+                kept = self._prune(l, m, originals)
                 layer = decoder_stack(self.model)[1][l]
             if best is None or kept["damage"] < best[0]:
                 best = (kept["damage"], l, m, layer, kept)
@@ -358,10 +361,10 @@ class LayerMerger:
         apply_merge(self.model, l, m, operator, alpha)
         if operator != "parallel_pruned":
             return {}
-        return self._prune(l, originals)
+        return self._prune(l, m, originals)
 
     @torch.no_grad()
-    def _prune(self, l: int, originals: tuple[nn.Module, nn.Module]) -> dict:
+    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module]) -> dict:
         """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set.
 
         ``originals``: the two layers it replaced, run in sequence as the refit target when ``refit_target`` is
@@ -376,6 +379,7 @@ class LayerMerger:
         cached = inputs[l] if cfg.cache_inputs and len(inputs) > l and inputs[l] else None
         state: dict = {}
         post_norm = post_mlp_norm(layer)
+        target_cache = self._cached_pair_output(l) if cached is not None and m == l + 1 else None
 
         def statistics(module, with_target: bool) -> tuple[torch.Tensor, dict]:
             """Gram matrix of ``module``'s inputs; with ``with_target`` also X^T (y_original - h_after_attention) and
@@ -408,15 +412,23 @@ class LayerMerger:
             if with_target:
                 def run_originals(_m, args, kwargs):
                     h = args[0] if args else kwargs["hidden_states"]
+                    state["h"] = h
+                    if target_cache is not None:
+                        state["target"] = target_cache[state["batch"]]
+                        return
                     rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                     out = hidden_of(originals[0](h, *args[1:], **rest))
                     state["target"] = hidden_of(originals[1](out, *args[1:], **rest))
-                    state["h"] = h
 
                 handles.append(layer.register_forward_pre_hook(run_originals, with_kwargs=True))
                 handles.append(mlp_input_norm(layer).register_forward_pre_hook(lambda _m, args: state.update(h1=args[0])))
+
+            def on_batch(batch):
+                state.update(mask=batch["attention_mask"], batch=state.get("batch", -1) + 1)
+
+            state.pop("batch", None)
             try:
-                run_through_layer(base, l, self.batches(), cached, on_batch=lambda b: state.update(mask=b["attention_mask"]))
+                run_through_layer(base, l, self.batches(), cached, on_batch=on_batch)
             finally:
                 for h in handles:
                     h.remove()
@@ -443,6 +455,22 @@ class LayerMerger:
             if post_norm is not None:
                 set_norm_scale(post_norm, sums["unit_cross"] / sums["unit_sq"].clamp(min=1e-12))
         return {"kept_kv_groups": groups, "kept_neurons": neurons, "damage": damage}
+
+    def _cached_pair_output(self, l: int) -> list[torch.Tensor] | None:
+        """The cached input of the layer after the pair being merged at ``l`` (its layers ``l`` and ``l + 1`` are
+        still separate in the cache): the refit target, when it is what running the original pair would give.
+
+        Suffix rescoring that just ran: it IS the original pair's output on the current input (exact, two layer runs
+        saved). ``rescore_scope: merged``: every cached input is the dense model's (nothing after the first pass is
+        refreshed), so it is the dense model's output of the original layers the pair covers, on the dense input the
+        refit also sees: the merged layer is fitted to the dense model itself. Otherwise None (run the pair).
+        """
+        inputs = self.collector.inputs
+        after = l + 2
+        if not self.config.cache_inputs or len(inputs) != self.depth or after >= len(inputs) or not inputs[after]:
+            return None
+        fresh = self._stale_from is None and self.config.rescore_scope == "suffix"
+        return inputs[after] if fresh or self.config.rescore_scope == "merged" else None
 
     @torch.no_grad()
     def _slice_nll(self, start: int) -> float:

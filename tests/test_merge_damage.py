@@ -116,3 +116,20 @@ def test_parallel_stays_refused_on_qwen3_and_gemma3_but_pruned_is_offered():
     merger_for(tiny_model("qwen3", layers=4))  # parallel_pruned is accepted
     with pytest.raises(MKAError, match="use merge_operator: parallel_pruned, merge_operator: average"):
         LayerMerger(tiny_model("qwen3", layers=4), MergeConfig(merge_operator="parallel", points=PointSpec("tokens", 64, 0)), batches(), torch.full((8,), 24))
+
+
+def test_cached_pair_output_as_target_equals_running_the_original_pair():
+    # Right after a suffix rescoring the cached input of the layer after the pair IS the pair's output: the prune
+    # takes it instead of running both layers again, and must come out the same.
+    model = tiny_model("llama", layers=6, initializer_range=0.1)
+    results = []
+    for fresh in (False, True):
+        merger = merger_for(copy.deepcopy(model))
+        merger.collector.run(merger.batches())
+        merger._stale_from = None if fresh else 0
+        assert (merger._cached_pair_output(2) is not None) == fresh
+        kept = merger._apply(2, 3, None, "parallel_pruned")
+        results.append((kept, decoder_stack(merger.model)[1][2].mlp.down_proj.weight.clone()))
+    assert results[0][0]["kept_neurons"] == results[1][0]["kept_neurons"]
+    assert results[0][0]["damage"] == pytest.approx(results[1][0]["damage"], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

@@ -434,7 +434,7 @@ class MergeCallback(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, after: dict[str, float]) -> None:
         self._finished = True
         stats = self._stats
-        compression_seconds = stats.collect_seconds + stats.score_seconds + stats.merge_seconds
+        compression_seconds = stats.collect_seconds + stats.score_seconds + stats.select_seconds + stats.merge_seconds
         plan = list(self._plan)
         results = {
             "model": pl_module.hparams.get("model"),
@@ -454,6 +454,7 @@ class MergeCallback(Callback):
             "seconds": {
                 "collect": round(stats.collect_seconds, 2),
                 "score": round(stats.score_seconds, 2),
+                "select": round(stats.select_seconds, 2),
                 "merge": round(stats.merge_seconds, 2),
                 "wall": round(time.perf_counter() - self._started, 2),
             },
