@@ -211,8 +211,10 @@ def render(store: dict, out: Path) -> None:
     dense = next((r for r in store["rows"] if r["method"] == "dense"), {"layers": 30})
     (out / f"{name}.md").write_text(
         f"# Depth compression of {model}\n\n"
-        f"Setup: {json.dumps(store['setup'])}. Calibration: wiki calibration articles; evaluation: held-out wiki articles, "
-        "Lee corpus, MMLU evaluation split (never the calibration split). `compress s`: statistics + selection "
+        f"Setup: {json.dumps(store['setup'])}. Calibration: wiki calibration articles; evaluation: "
+        + ("HELD-ASIDE calibration-source sequences (the tail of the wiki calibration articles; for choosing defaults). "
+           if store["setup"].get("heldaside") else "held-out wiki articles, Lee corpus, MMLU evaluation split (never the calibration split). ")
+        + "`compress s`: statistics + selection "
         "(+ merging) time on 2 CPU cores; `peak RSS MB`: process peak while compressing.\n\n" + table(store["rows"]) + "\n"
     )
     plot(store["rows"], out / f"{name}.png", model, dense["layers"])
