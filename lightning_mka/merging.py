@@ -12,13 +12,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_mka.activations import LayerPointCollector, PointSpec, hidden_of, run_through_layer, sample_token_positions, suffix_only
+from lightning_mka.activations import LayerPointCollector, PointSpec, _StopForward, hidden_of, run_through_layer, sample_token_positions, suffix_only
 from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
 from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity_matrix
-from lightning_mka.parallel import GramAccumulator, check_parallel_supported, prune_attention, prune_mlp
-from lightning_mka.surgery import apply_merge, check_merge_operator, decoder_stack, drop_layers, merged_temporarily
+from lightning_mka.parallel import (
+    GramAccumulator,
+    check_parallel_supported,
+    layer_width,
+    mlp_input_norm,
+    post_mlp_norm,
+    prune_attention,
+    prune_mlp,
+    refit_residual,
+    set_norm_scale,
+)
+from lightning_mka.surgery import apply_merge, check_merge_operator, decoder_stack, drop_layers, install_merged_layer, merged_temporarily
 
 # gather(points (L, p_local, H), ids (p_local,)) -> (L, P, H) ordered by global point id, identical on every rank.
 Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,7 +38,7 @@ def local_gather(points: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return points[:, ids.argsort()]
 
 
-SELECTIONS = ("similarity", "verify")
+SELECTIONS = ("similarity", "verify", "damage")
 RESCORE_SCOPES = ("suffix", "merged")
 DEFAULT_ALPHA_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
 
@@ -44,6 +54,11 @@ class MergeConfig:
         one whose merge gives the lowest calibration NLL. Both recompute only the suffix from the pair on.
       - with a parallel ``merge_operator``, ``alpha="search"`` compares the parallel merge with dropping either layer
         of the pair (a = 1 or 0) by the same calibration NLL.
+      - ``selection="damage"`` (``parallel_pruned`` with ``refit_target: original``): prune each of the ``verify_top``
+        most similar candidate pairs tentatively and keep the one with the smallest merge damage: the least-squares
+        residual of the pruned layer against the two original layers in sequence, relative to what the pair adds to
+        its input, ``sum ||y_pruned - y_original||^2 / sum ||y_original - h||^2`` on calibration tokens. It comes out
+        of the refit's Gram statistics, no extra pass; the winner's pruned layer is installed as it is.
 
     ``rescore_scope``: after a merge at position ``l``, recompute the points of layers ``l..L-1`` (``suffix``, exact:
     the spec) or of layer ``l`` only (``merged``: the layers after it keep their points from the previous pass, an
@@ -102,6 +117,10 @@ class MergeConfig:
             raise MKAError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
         if not self.alpha_grid:
             raise MKAError("alpha_grid must hold at least one value in [0, 1]")
+        if self.selection == "damage" and not (self.merge_operator == "parallel_pruned" and self.prune_refit and self.refit_target == "original"):
+            raise MKAError("selection: damage measures the refit of parallel_pruned against the original layers; use merge_operator: parallel_pruned with refit_target: original and prune_refit: true")
+        if self.selection == "damage" and self.alpha == "search":
+            raise MKAError("selection: damage and alpha: search both choose the merge; use one of them")
         if self.uses_nll and (self.rescore_every != 1 or not self.cache_inputs):
             raise MKAError("alpha: search and selection: verify score merges on fresh cached inputs; use rescore_every: 1 and cache_inputs: true")
         for name in ("keep_first", "keep_last"):
@@ -126,6 +145,7 @@ class MergeStep:
     operator: str = "average"
     kept_kv_groups: list[int] | None = None  # parallel_pruned: KV groups of the widened layer that were kept
     kept_neurons: list[int] | None = None  # parallel_pruned: MLP neurons of the widened layer that were kept
+    damage: float | None = None  # parallel_pruned: relative residual of the pruned layer against the two originals
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,6 +160,7 @@ class MergeStats:
     first_pass_seconds: float = 0.0
     score_seconds: float = 0.0
     merge_seconds: float = 0.0
+    select_seconds: float = 0.0  # tentative merges that choose among candidates (verify, search, damage)
 
 
 class LayerMerger:
@@ -175,7 +196,7 @@ class LayerMerger:
         num_points = spec.num_points if spec.mode == "tokens" else int(len(lengths))
         config.similarity.check_points(num_points)
         if not config.averages:
-            check_parallel_supported(model.config)
+            check_parallel_supported(model.config, config.merge_operator)
         positions = sample_token_positions(lengths, spec.num_points, spec.seed) if spec.mode == "tokens" else None
         self.collector = LayerPointCollector(base, spec, positions, cache_inputs=config.cache_inputs)
         self.origins: list[list[int]] = [[i] for i in range(len(layers))]
@@ -236,13 +257,23 @@ class LayerMerger:
         l, m, score = choose_pair(similarity, candidates)
         nll = None
         operator = cfg.merge_operator
+        prepared = None
+        tick = time.perf_counter()
         if cfg.uses_nll:
             l, m, operator, alpha, nll = self._verified_choice(similarity, candidates)
             score = float(similarity[l, m])
+        elif cfg.selection == "damage":
+            l, m, prepared = self._least_damage_choice(similarity, candidates)
+            score, alpha = float(similarity[l, m]), None
         else:
             alpha = merge_alpha(cfg.alpha, similarity, l, m) if cfg.averages else None
+        self.stats.select_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
-        kept = self._apply(l, m, alpha, operator)
+        if prepared is not None:
+            layer, kept = prepared
+            install_merged_layer(self.model, l, m, layer)
+        else:
+            kept = self._apply(l, m, alpha, operator)
         self.stats.merge_seconds += time.perf_counter() - tick
         record = MergeStep(
             step=len(self.plan) + 1,
@@ -291,7 +322,7 @@ class LayerMerger:
         """Among the candidates to verify, the (pair, operator, alpha) whose tentative merge gives the lowest
         calibration NLL."""
         cfg = self.config
-        ranked = sorted(candidates, key=lambda p: (-float(similarity[p[0], p[1]]), p[0], p[1]))
+        ranked = self._ranked(similarity, candidates)
         pool = ranked[: cfg.verify_top] if cfg.selection == "verify" else ranked[:1]
         best: tuple[float, int, int, str, float | None] | None = None
         for l, m in pool:
@@ -300,13 +331,32 @@ class LayerMerger:
                 originals = (layers[l], layers[m])
                 with merged_temporarily(self.model, l, m, alpha, operator):
                     if operator == "parallel_pruned":
-                        self._prune(l, originals)
+                        self._prune(l, m, originals)
                     nll = self._slice_nll(start=l)
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
                     best = (nll, l, m, operator, alpha)
         assert best is not None
         nll, l, m, operator, alpha = best
         return l, m, operator, alpha, nll
+
+    def _ranked(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return sorted(candidates, key=lambda p: (-float(similarity[p[0], p[1]]), p[0], p[1]))
+
+    def _least_damage_choice(self, similarity: torch.Tensor, candidates: list[tuple[int, int]]) -> tuple[int, int, tuple[nn.Module, dict]]:
+        """Among the ``verify_top`` most similar candidates, the pair whose pruned merge has the least damage; its
+        pruned layer (built on the unchanged model) is reused. Ties keep the more similar pair."""
+        best: tuple[float, int, int, nn.Module, dict] | None = None
+        for l, m in self._ranked(similarity, candidates)[: self.config.verify_top]:
+            layers = decoder_stack(self.model)[1]
+            originals = (layers[l], layers[m])
+            with merged_temporarily(self.model, l, m, None, "parallel_pruned"):
+                kept = self._prune(l, m, originals)
+                layer = decoder_stack(self.model)[1][l]
+            if best is None or kept["damage"] < best[0]:
+                best = (kept["damage"], l, m, layer, kept)
+        assert best is not None
+        _, l, m, layer, kept = best
+        return l, m, (layer, kept)
 
     def _apply(self, l: int, m: int, alpha: float | None, operator: str) -> dict:
         """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven)."""
@@ -315,14 +365,14 @@ class LayerMerger:
         apply_merge(self.model, l, m, operator, alpha)
         if operator != "parallel_pruned":
             return {}
-        return self._prune(l, originals)
+        return self._prune(l, m, originals)
 
     @torch.no_grad()
-    def _prune(self, l: int, originals: tuple[nn.Module, nn.Module]) -> dict:
+    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module]) -> dict:
         """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set.
 
         ``originals``: the two layers it replaced, run in sequence as the refit target when ``refit_target`` is
-        ``original``.
+        ``original``. Returns the kept units and the merge ``damage`` (``None`` unless refit towards the originals).
         """
         base, layers = decoder_stack(self.model)
         layer = layers[l]
@@ -332,49 +382,99 @@ class LayerMerger:
         inputs = self.collector.inputs
         cached = inputs[l] if cfg.cache_inputs and len(inputs) > l and inputs[l] else None
         state: dict = {}
+        post_norm = post_mlp_norm(layer)
+        target_cache = self._cached_pair_output(l) if cached is not None and m == l + 1 else None
 
-        def statistics(module, with_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """Gram matrix of ``module``'s inputs; with ``with_target`` also X^T (y_original - h_after_attention)."""
+        def statistics(module, with_target: bool) -> tuple[torch.Tensor, dict]:
+            """Gram matrix of ``module``'s inputs; with ``with_target`` also X^T (y_original - h_after_attention) and
+            the sums the damage and a post-MLP norm need. Without it, the pass stops right after ``module``."""
             acc = GramAccumulator()
-            cross: list[torch.Tensor] = []
+            sums: dict[str, torch.Tensor] = {}
             handles = []
+
+            def add(name: str, value: torch.Tensor) -> None:
+                sums[name] = value if name not in sums else sums[name] + value
 
             def capture(_m, args):
                 x = args[0]
                 acc.add(x, state["mask"])
-                if with_target:
-                    keep = state["mask"].reshape(-1).bool()
-                    xf = x.reshape(-1, x.shape[-1])[keep].double()
-                    residual = state["target"] - state["h1"]  # what the MLP must add for the originals' output
-                    target = residual.reshape(-1, residual.shape[-1])[keep].double()
-                    cross.append(xf.T @ target)
+                if not with_target:
+                    raise _StopForward  # the attention statistics need nothing after o_proj
+                keep = state["mask"].reshape(-1).bool()
+                xf = x.reshape(-1, x.shape[-1])[keep].double()
+                flat = lambda t: t.reshape(-1, t.shape[-1])[keep].double()  # noqa: E731
+                target = flat(state["target"] - state["h1"])  # what the MLP must add for the originals' output
+                add("cross", xf.T @ target)
+                add("target_sq", target.pow(2).sum())
+                add("update_sq", flat(state["target"] - state["h"]).pow(2).sum())
+                if post_norm is not None:  # the norm's output should follow the target's direction
+                    unit = target / target.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
+                    add("unit_cross", (unit * target).sum(0))
+                    add("unit_sq", unit.pow(2).sum(0))
 
             handles.append(module.register_forward_pre_hook(capture))
             if with_target:
                 def run_originals(_m, args, kwargs):
                     h = args[0] if args else kwargs["hidden_states"]
+                    state["h"] = h
+                    if target_cache is not None:
+                        state["target"] = target_cache[state["batch"]]
+                        return
                     rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                     out = hidden_of(originals[0](h, *args[1:], **rest))
                     state["target"] = hidden_of(originals[1](out, *args[1:], **rest))
 
                 handles.append(layer.register_forward_pre_hook(run_originals, with_kwargs=True))
-                handles.append(layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: state.update(h1=args[0])))
+                handles.append(mlp_input_norm(layer).register_forward_pre_hook(lambda _m, args: state.update(h1=args[0])))
+
+            def on_batch(batch):
+                state.update(mask=batch["attention_mask"], batch=state.get("batch", -1) + 1)
+
+            state.pop("batch", None)
             try:
-                run_through_layer(base, l, self.batches(), cached, on_batch=lambda b: state.update(mask=b["attention_mask"]))
+                run_through_layer(base, l, self.batches(), cached, on_batch=on_batch)
             finally:
                 for h in handles:
                     h.remove()
             assert acc.gram is not None
             # Summed over ranks: every rank prunes the same way.
-            return self.reduce(acc.gram), (self.reduce(torch.stack(cross).sum(0)) if with_target else None)
+            return self.reduce(acc.gram), {k: self.reduce(v) for k, v in sums.items()}
 
-        gram, _ = statistics(layer.self_attn.o_proj, False)
-        groups = prune_attention(layer, config.num_key_value_heads, gram, cfg.prune_refit, cfg.refit_ridge)
+        if layer_width(layer).kv_heads > config.num_key_value_heads:
+            gram, _ = statistics(layer.self_attn.o_proj, False)
+            groups = prune_attention(layer, config.num_key_value_heads, gram, cfg.prune_refit, cfg.refit_ridge)
+        else:  # first-attention merge (Qwen3, Gemma3): the attention is already one layer's
+            groups = list(range(layer_width(layer).kv_heads))
         # The MLP sees the pruned attention's output: measure it after the attention is final.
         original_target = cfg.prune_refit and cfg.refit_target == "original"
-        gram, cross = statistics(layer.mlp.down_proj, original_target)
-        neurons = prune_mlp(layer, config.intermediate_size, gram, cfg.prune_refit, cfg.refit_ridge, cross=cross)
-        return {"kept_kv_groups": groups, "kept_neurons": neurons}
+        gram, sums = statistics(layer.mlp.down_proj, original_target)
+        cross = sums.get("cross")
+        neurons = prune_mlp(layer, config.intermediate_size, gram, cfg.prune_refit, cfg.refit_ridge, cross=cross,
+                            fitted_importance=post_norm is not None and cross is not None)
+        damage = None
+        if original_target:
+            index = torch.tensor(neurons, dtype=torch.long)
+            residual = refit_residual(layer.mlp.down_proj.weight, gram[index][:, index], cross[index], float(sums["target_sq"]))
+            damage = residual / max(float(sums["update_sq"]), 1e-30)
+            if post_norm is not None:
+                set_norm_scale(post_norm, sums["unit_cross"] / sums["unit_sq"].clamp(min=1e-12))
+        return {"kept_kv_groups": groups, "kept_neurons": neurons, "damage": damage}
+
+    def _cached_pair_output(self, l: int) -> list[torch.Tensor] | None:
+        """The cached input of the layer after the pair being merged at ``l`` (its layers ``l`` and ``l + 1`` are
+        still separate in the cache): the refit target, when it is what running the original pair would give.
+
+        Suffix rescoring that just ran: it IS the original pair's output on the current input (exact, two layer runs
+        saved). ``rescore_scope: merged``: every cached input is the dense model's (nothing after the first pass is
+        refreshed), so it is the dense model's output of the original layers the pair covers, on the dense input the
+        refit also sees: the merged layer is fitted to the dense model itself. Otherwise None (run the pair).
+        """
+        inputs = self.collector.inputs
+        after = l + 2
+        if not self.config.cache_inputs or len(inputs) != self.depth or after >= len(inputs) or not inputs[after]:
+            return None
+        fresh = self._stale_from is None and self.config.rescore_scope == "suffix"
+        return inputs[after] if fresh or self.config.rescore_scope == "merged" else None
 
     @torch.no_grad()
     def _slice_nll(self, start: int) -> float:
@@ -413,6 +513,7 @@ class LayerMerger:
             l, m = step.pair
             if apply:
                 kept = self._apply(l, m, step.alpha, step.operator)
+                kept.pop("damage", None)
                 if kept and (kept["kept_kv_groups"] != step.kept_kv_groups or kept["kept_neurons"] != step.kept_neurons):
                     raise MKAError(f"cannot resume: replaying step {step.step} pruned differently than recorded; the calibration data or model changed")
             self.origins[l] = sorted(self.origins[l] + self.origins[m])

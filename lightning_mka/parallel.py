@@ -14,8 +14,12 @@ query heads, MLP neurons) by their measured contribution to the layer output on 
 optionally refits ``o_proj`` / ``down_proj`` by ridge least squares so the pruned sub-blocks match the widened ones.
 
 Architectures: exact for pre-norm Llama, Mistral and Qwen2 (q/k/v biases concatenate; a bias on ``o_proj`` or
-``down_proj`` is summed). Refused with an error for Qwen3 (per-layer q/k norms after the projection cannot be folded
-through RoPE) and Gemma3 (post-attention / post-MLP norms: norm(A_l + A_m) != norm(A_l) + norm(A_m)).
+``down_proj`` is summed). Qwen3 (per-layer q/k norms after the projection cannot be folded through RoPE) and Gemma3
+(post-attention / post-MLP norms: norm(A_l + A_m) != norm(A_l) + norm(A_m)) have no exact widened layer, so
+``parallel`` refuses them; ``parallel_pruned`` builds for them a layer with the FIRST layer's attention kept whole
+(its own q/k norms, post-attention norm and attention type) and both MLPs side by side (the pre-MLP norms fold as
+above), pruned back and refit towards the two original layers, where exactness never mattered. For a post-MLP norm
+(Gemma3) ``down_proj`` is fitted before the norm to the target's direction and the norm's scale is refitted.
 """
 
 from __future__ import annotations
@@ -29,17 +33,26 @@ from torch import nn
 from lightning_mka.errors import MKAError
 
 PARALLEL_ARCHITECTURES = ("llama", "mistral", "qwen2")
+FIRST_ATTENTION_ARCHITECTURES = ("qwen3", "gemma3_text")  # parallel_pruned only: first layer's attention, both MLPs
 
 
-def check_parallel_supported(config) -> None:
+def first_attention_only(config) -> bool:
+    """Whether a parallel merge of this architecture keeps the first layer's attention (no exact widened attention)."""
+    return getattr(config, "model_type", None) in FIRST_ATTENTION_ARCHITECTURES
+
+
+def check_parallel_supported(config, operator: str = "parallel") -> None:
     model_type = getattr(config, "model_type", None)
+    if operator == "parallel_pruned" and model_type in FIRST_ATTENTION_ARCHITECTURES:
+        return
     if model_type not in PARALLEL_ARCHITECTURES:
         reason = {
             "qwen3": "its per-layer q/k norms act after the projections and cannot be folded through RoPE",
             "gemma3_text": "its post-attention and post-MLP norms make a parallel sum inexact",
         }.get(model_type, "it is not a plain pre-norm Llama-style layer")
+        pruned = "merge_operator: parallel_pruned, " if model_type in FIRST_ATTENTION_ARCHITECTURES else ""
         raise MKAError(
-            f"merge_operator parallel is not exact for model_type={model_type!r} ({reason}); use merge_operator: average, "
+            f"merge_operator parallel is not exact for model_type={model_type!r} ({reason}); use {pruned}merge_operator: average, "
             f"or a model of type {', '.join(PARALLEL_ARCHITECTURES)}"
         )
 
@@ -81,6 +94,30 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor:
     return norm.weight.detach().float().clone()
 
 
+def mlp_input_norm(layer: nn.Module) -> nn.Module:
+    """The norm in front of the MLP; its input is the residual stream after the attention."""
+    return getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+
+
+def post_mlp_norm(layer: nn.Module) -> nn.Module | None:
+    """The norm applied to the MLP output before the residual add (Gemma 3), or None (pre-norm Llama-style)."""
+    return getattr(layer, "post_feedforward_layernorm", None)
+
+
+@torch.no_grad()
+def norm_scale(norm: nn.Module) -> torch.Tensor:
+    """The effective per-channel scale of an RMSNorm, whatever its convention (``w`` or Gemma's ``1 + w``)."""
+    probe = torch.ones(1, norm.weight.shape[0], dtype=torch.float32, device=norm.weight.device)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0))
+    return norm(probe.to(norm.weight.dtype))[0].double() * (1.0 + eps) ** 0.5  # unit-rms input: output = scale
+
+
+@torch.no_grad()
+def set_norm_scale(norm: nn.Module, scale: torch.Tensor) -> None:
+    """Make ``norm``'s effective per-channel scale ``scale`` (the weight enters the scale with slope 1 in both conventions)."""
+    norm.weight.add_((scale.double().to(norm.weight.device) - norm_scale(norm)).to(norm.weight.dtype))
+
+
 def _check_pair(a: nn.Module, b: nn.Module) -> None:
     wa, wb = layer_width(a), layer_width(b)
     if wa.head_dim != wb.head_dim or wa.q_heads // wa.kv_heads != wb.q_heads // wb.kv_heads:
@@ -89,6 +126,28 @@ def _check_pair(a: nn.Module, b: nn.Module) -> None:
     eps_b = getattr(b.input_layernorm, "variance_epsilon", getattr(b.input_layernorm, "eps", None))
     if eps_a != eps_b:
         raise MKAError("parallel merge needs the same RMSNorm epsilon in both layers")
+
+
+@torch.no_grad()
+def first_attention_merged_layer(first: nn.Module, second: nn.Module) -> nn.Module:
+    """``first``'s attention (whole, with all its norms) and both MLPs side by side on its output (pre-MLP norms folded).
+
+    Not exact (the second layer's attention is gone; a post-MLP norm sees the sum of both MLPs): only the starting
+    point of ``parallel_pruned`` for architectures without an exact widened layer.
+    """
+    target = copy.deepcopy(first)
+    n_t, n_s = norm_scale(mlp_input_norm(first)).float(), norm_scale(mlp_input_norm(second)).float()
+    tm, sm = target.mlp, second.mlp
+    for name in ("gate_proj", "up_proj"):
+        lt, ls = getattr(tm, name), getattr(sm, name)
+        weight = torch.cat([lt.weight.float() * n_t, ls.weight.float() * n_s], dim=0)
+        bias = None if lt.bias is None else torch.cat([_f32(lt.bias), _f32(ls.bias)])
+        setattr(tm, name, _linear(weight, bias, lt))
+    bias = None if tm.down_proj.bias is None else _f32(tm.down_proj.bias) + _f32(sm.down_proj.bias)
+    tm.down_proj = _linear(torch.cat([tm.down_proj.weight.float(), sm.down_proj.weight.float()], dim=1), bias, tm.down_proj)
+    set_norm_scale(mlp_input_norm(target), torch.ones(n_t.shape[0], dtype=torch.float64))
+    _sync_widths(target)
+    return target
 
 
 @torch.no_grad()
@@ -185,6 +244,13 @@ def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, r
     return solution.T
 
 
+def refit_residual(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, target_sq: float) -> float:
+    """``sum ||y - W x||^2`` over the tokens from their statistics: ``sum ||y||^2 - 2 tr(W C) + tr(W G W^T)``
+    (``gram`` = sum x x^T, ``cross`` = sum x y^T, both over the inputs ``W`` reads)."""
+    w_t = weight.double().T
+    return max(0.0, target_sq - 2.0 * float((w_t * cross).sum()) + float((w_t * (gram @ w_t)).sum()))
+
+
 def _rows(lin: nn.Linear, index: torch.Tensor) -> nn.Linear:
     bias = None if lin.bias is None else lin.bias.detach()[index]
     return _linear(lin.weight.detach()[index], bias, lin)
@@ -231,16 +297,21 @@ def prune_attention(layer: nn.Module, kv_heads: int, gram: torch.Tensor | None, 
 
 @torch.no_grad()
 def prune_mlp(layer: nn.Module, neurons: int, gram: torch.Tensor | None, refit: bool, ridge: float = 1e-3,
-              keep_neurons: list[int] | None = None, cross: torch.Tensor | None = None) -> list[int]:
+              keep_neurons: list[int] | None = None, cross: torch.Tensor | None = None, fitted_importance: bool = False) -> list[int]:
     """Keep ``neurons`` MLP neurons of a widened layer (largest contribution to ``down_proj``'s output).
 
     ``cross`` (sum over tokens of x y^T): refit ``down_proj`` towards that target instead of the widened output.
+    ``fitted_importance``: measure contributions in the least-squares map from ALL neurons to that target rather than
+    in the widened ``down_proj`` (whose two halves are not on one scale when a post-MLP norm follows).
     """
     mlp = layer.mlp
     if keep_neurons is None:
         assert gram is not None
         width = layer_width(layer)
-        scores = contribution_importance(mlp.down_proj.weight, gram, width.neurons)
+        weight = mlp.down_proj.weight
+        if fitted_importance and cross is not None:
+            weight = refit_output(weight, gram, torch.arange(width.neurons), ridge, cross)
+        scores = contribution_importance(weight, gram, width.neurons)
         keep_neurons = sorted(scores.argsort(descending=True)[:neurons].tolist())
     index = torch.tensor(keep_neurons, dtype=torch.long)
     mlp.gate_proj = _rows(mlp.gate_proj, index)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_mka.errors import MKAError
-from lightning_mka.parallel import check_parallel_supported, parallel_merged_layer
+from lightning_mka.parallel import check_parallel_supported, first_attention_merged_layer, first_attention_only, parallel_merged_layer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MERGE_OPERATORS = ("average", "parallel", "parallel_pruned")
@@ -104,24 +104,38 @@ def merge_layers(model: nn.Module, keep: int, remove: int, alpha: float) -> None
 
 
 @torch.no_grad()
-def parallel_merge_layers(model: nn.Module, keep: int, remove: int) -> None:
-    """Replace layers ``keep`` and ``remove`` (adjacent) by one widened layer at ``keep`` computing both in parallel."""
-    base, layers = decoder_stack(model)
-    check_parallel_supported(model.config)
+def parallel_merge_layers(model: nn.Module, keep: int, remove: int, operator: str = "parallel") -> None:
+    """Replace layers ``keep`` and ``remove`` (adjacent) by one widened layer at ``keep`` computing both in parallel.
+
+    Qwen3 / Gemma3 (``parallel_pruned`` only): the first layer's attention and both MLPs (``lightning_mka.parallel``);
+    the merged layer keeps the first layer's attention type.
+    """
+    _, layers = decoder_stack(model)
+    check_parallel_supported(model.config, operator)
     depth = len(layers)
     _check_index("keep", keep, depth)
     _check_index("remove", remove, depth)
     if keep == remove:
         raise MKAError(f"cannot merge layer {keep} with itself; pick two different layers")
+    first, second = sorted((keep, remove))
     types = getattr(model.config, "layer_types", None)
+    if first_attention_only(model.config):
+        if keep != first:
+            raise MKAError(f"on {model.config.model_type} the merged layer keeps the first layer's attention; merge {second} into {first}")
+        install_merged_layer(model, keep, remove, first_attention_merged_layer(layers[first], layers[second]))
+        return
     if types is not None and len(types) == depth and types[keep] != types[remove]:
         raise MKAError(f"layers {keep} ({types[keep]}) and {remove} ({types[remove]}) use different attention types; a parallel merge needs one mask")
-    first, second = sorted((keep, remove))
-    merged = parallel_merged_layer(layers[first], layers[second])
+    install_merged_layer(model, keep, remove, parallel_merged_layer(layers[first], layers[second]))
+
+
+def install_merged_layer(model: nn.Module, keep: int, remove: int, layer: nn.Module) -> None:
+    """Put ``layer`` at ``keep`` and delete ``remove`` (re-indexed like any merge)."""
+    base, layers = decoder_stack(model)
     new = list(layers)
-    new[keep] = merged
+    new[keep] = layer
     base.layers = nn.ModuleList(new)
-    _keep_layers(model, [i for i in range(depth) if i != remove])
+    _keep_layers(model, [i for i in range(len(new)) if i != remove])
 
 
 def apply_merge(model: nn.Module, keep: int, remove: int, operator: str = "average", alpha: float | None = None) -> None:
@@ -131,7 +145,7 @@ def apply_merge(model: nn.Module, keep: int, remove: int, operator: str = "avera
             raise MKAError("merge_operator average needs an alpha")
         merge_layers(model, keep, remove, alpha)
     else:
-        parallel_merge_layers(model, keep, remove)
+        parallel_merge_layers(model, keep, remove, operator)
 
 
 def drop_layers(model: nn.Module, remove: Sequence[int]) -> None:

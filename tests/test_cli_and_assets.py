@@ -30,7 +30,7 @@ def test_wrong_model_path(tmp_path):
 
 def test_unknown_asset_name(tmp_path):
     proc = cli("validate", "--model.model", "smollm3-1b", cwd=tmp_path)
-    assert_one_line_error(proc, "unknown asset 'smollm3-1b'; known model assets: smollm2-135m")
+    assert_one_line_error(proc, "unknown asset 'smollm3-1b'; known model assets: smollm2-135m, gemma3-270m")
 
 
 def test_empty_data_file(tmp_path, tiny_model_dir):

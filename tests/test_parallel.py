@@ -215,7 +215,7 @@ def test_refit_towards_the_original_pair_matches_it_better():
     def rope(x):
         return model.model.rotary_emb(x, torch.arange(x.shape[1])[None].expand(x.shape[0], -1))
 
-    errors, kept = {}, {}
+    errors, kept, update = {}, {}, 0.0
     for target in ("widened", "original"):
         config = MergeConfig(merge_operator="parallel_pruned", refit_target=target, refit_ridge=0.0, points=PointSpec("tokens", 64, 0))
         merger = LayerMerger(copy.deepcopy(model), config, batches(), torch.full((8,), 24))
@@ -227,5 +227,10 @@ def test_refit_towards_the_original_pair_matches_it_better():
             for x in merger.collector.inputs[2]:  # the calibration inputs the refit saw
                 original = _layer_out(second, _layer_out(first, x, rope(x)), rope(x))
                 errors[target] += float((_layer_out(merged, x, rope(x)) - original).pow(2).sum())
+                update += float((original - x).pow(2).sum()) / 2
+    damage = kept["original"].pop("damage")
+    assert kept["widened"].pop("damage") is None
     assert kept["widened"] == kept["original"]  # the same units are kept; only the refit target differs
     assert errors["original"] < errors["widened"]
+    # the damage from the refit's statistics is the pruned layer's output error relative to the pair's update
+    assert damage == pytest.approx(errors["original"] / update, rel=1e-3)

@@ -17,13 +17,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_mka.activations import PointSpec
-from lightning_mka.baselines import angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
+from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
 from lightning_mka.progress import track
+from lightning_mka.replaceme import replace_block
 from lightning_mka.reporting import comparison_columns, comparison_table, count_parameters, peak_rss_mb, print_summary, similarity_heatmap
 from lightning_mka.similarity import SimilarityConfig
 from lightning_mka.surgery import decoder_stack, drop_layers, num_layers
@@ -45,7 +46,8 @@ class MergeCallback(Callback):
         target_layers: final number of decoder layers; or
         compression_ratio: fraction of layers to remove (30 layers, 0.3 -> 21). Exactly one of the two.
         method: ``mka`` (merge) or a drop baseline on the same data: ``tail`` | ``shortgpt`` | ``angular`` | ``random``
-            (one-shot, from one pass of statistics; see ``lightning_mka.baselines``).
+            | ``replaceme`` (the ``angular`` block replaced by a least-squares linear transform folded into the layer
+            before it; ``lightning_mka.replaceme``); one-shot, from one pass of statistics (``lightning_mka.baselines``).
         alpha: ``similarity`` (a = S_lm clamped to [0.05, 0.95]) | ``official`` (sigmoid of row-mean ratio) | ``search``
             (the grid value with the lowest calibration NLL) | a float.
         points: ``tokens`` (P seeded token positions, never position 0) | ``last`` | ``mean``.
@@ -61,13 +63,15 @@ class MergeCallback(Callback):
         merges_per_validation: merges after each validation epoch in ``fit``.
         selection: ``similarity`` (the most similar pair, the paper) | ``verify`` (among the ``verify_top`` most
             similar pairs, the one whose tentative merge gives the lowest NLL on the first ``verify_batches``
-            calibration batches).
+            calibration batches) | ``damage`` (``parallel_pruned``: among the ``verify_top`` most similar pairs, the one
+            whose pruned layer reproduces the two original layers best, relative to what the pair adds; from the
+            refit's statistics, no NLL pass).
         alpha_grid: the values ``alpha: search`` tries (default 1, 0.75, 0.5, 0.25, 0; 1 and 0 drop one layer).
         merge_operator: ``average`` (the paper: weights ``a*theta_l + (1-a)*theta_m``) | ``parallel`` (one widened layer
             computing both side by side: exact, removes depth not parameters; cannot be exported, since
             ``from_pretrained`` needs one width for all layers) | ``parallel_pruned`` (``parallel``, then pruned back
-            to the original width by calibration activations; exports like any model). Parallel operators: Llama,
-            Mistral, Qwen2.
+            to the original width by calibration activations; exports like any model). ``parallel``: Llama, Mistral,
+            Qwen2; ``parallel_pruned`` also Qwen3 and Gemma3 (the first layer's attention, both MLPs side by side).
         prune_refit: ``parallel_pruned`` refits ``o_proj`` / ``down_proj`` by least squares on calibration activations.
         refit_ridge: ridge of that refit, relative to the mean diagonal of the Gram matrix.
         refit_target: ``original`` (``down_proj`` refit so the pruned layer reproduces the two original layers in
@@ -389,8 +393,8 @@ class MergeCallback(Callback):
         depth = num_layers(pl_module.model)
         tick = time.perf_counter()
         stats = None
-        if self.method in ("shortgpt", "angular"):
-            datamodule = trainer.datamodule
+        datamodule = trainer.datamodule
+        if self.method in STATISTICS_METHODS:
             datamodule.setup("validate")
             base, _ = decoder_stack(pl_module.model)
             stats = collect_drop_statistics(base, self._progress(trainer)(datamodule.calibration_dataloader(), "calibration pass (statistics)"))
@@ -400,9 +404,16 @@ class MergeCallback(Callback):
         record: dict[str, Any] = {"step": 1, "op": "drop", "method": self.method, "remove": remove, "depth_after": depth - len(remove)}
         if stats is not None and self.method == "shortgpt":
             record["block_influence"] = [round(float(v), 6) for v in stats.block_influence]
-        if stats is not None and self.method == "angular":
+        if stats is not None and self.method in ("angular", "replaceme"):
             record["angular_distance"] = float(angular_distances(stats.last_states, len(remove))[remove[0]])
-        drop_layers(pl_module.model, remove)
+        if self.method == "replaceme":
+            device = pl_module.device
+            batches = ({k: v.to(device) if k != "index" else v for k, v in b.items()} for b in datamodule.calibration_dataloader())
+            fit_tick = time.perf_counter()
+            record.update(replace_block(pl_module.model, remove[0], remove[-1] + 1, batches))
+            self._stats.merge_seconds = time.perf_counter() - fit_tick  # the least-squares pass and the fold
+        else:
+            drop_layers(pl_module.model, remove)
         self._plan = [record]
         rank_zero_info(f"[mka] {self.method}: dropped layers {remove} -> {record['depth_after']} layers ({time.perf_counter() - tick:.1f} s)")
 
@@ -463,7 +474,7 @@ class MergeCallback(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, after: dict[str, float]) -> None:
         self._finished = True
         stats = self._stats
-        compression_seconds = stats.collect_seconds + stats.score_seconds + stats.merge_seconds
+        compression_seconds = stats.collect_seconds + stats.score_seconds + stats.select_seconds + stats.merge_seconds
         plan = list(self._plan)
         results = {
             "model": pl_module.hparams.get("model"),
@@ -483,6 +494,7 @@ class MergeCallback(Callback):
             "seconds": {
                 "collect": round(stats.collect_seconds, 2),
                 "score": round(stats.score_seconds, 2),
+                "select": round(stats.select_seconds, 2),
                 "merge": round(stats.merge_seconds, 2),
                 "wall": round(time.perf_counter() - self._started, 2),
             },

@@ -1,0 +1,135 @@
+"""selection: damage (the pair whose pruned merge reproduces the two original layers best) and parallel_pruned on
+Qwen3 / Gemma3 (first layer's attention, both MLPs, refit towards the originals)."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lightning_mka.activations import PointSpec
+from lightning_mka.errors import MKAError
+from lightning_mka.merging import LayerMerger, MergeConfig
+from lightning_mka.surgery import decoder_stack, drop_layers
+from test_search_verify import batches
+
+
+def merger_for(model, **options):
+    config = MergeConfig(merge_operator="parallel_pruned", points=PointSpec("tokens", 64, 0), **options)
+    return LayerMerger(model, config, batches(), torch.full((8,), 24))
+
+
+def with_similarity(merger, favourite):
+    """Score once, then overwrite NPIB's matrix so that ``favourite`` is the most similar pair, (3, 4) the least."""
+    similarity = merger.rescore().clone()
+    similarity[1:5, 1:5] = 0.5
+    similarity[3, 4] = similarity[4, 3] = 0.1
+    similarity[favourite] = similarity[favourite[::-1]] = 0.9
+    merger.similarity = similarity
+    return merger
+
+
+def test_damage_selection_picks_the_pair_a_merge_reproduces_exactly():
+    # Layer 4 is the identity (zero output projections): merging 3+4 in parallel and pruning back keeps exactly
+    # layer 3, which reproduces the pair 3 -> 4; every other candidate pair loses something. NPIB's matrix is rigged
+    # so that 1+2 looks most similar and 3+4 least: the damage criterion must still pick 3+4 among its 3 candidates.
+    model = tiny_model("llama", layers=6, initializer_range=0.1)
+    with torch.no_grad():
+        decoder_stack(model)[1][4].self_attn.o_proj.weight.zero_()
+        decoder_stack(model)[1][4].mlp.down_proj.weight.zero_()
+    similarity_choice = with_similarity(merger_for(copy.deepcopy(model)), (1, 2)).step()
+    assert similarity_choice.pair == (1, 2)
+    top1 = with_similarity(merger_for(copy.deepcopy(model), selection="damage", verify_top=1), (1, 2)).step()
+    assert top1.pair == (1, 2)  # with one candidate it is NPIB's choice
+    merger = with_similarity(merger_for(copy.deepcopy(model), selection="damage", verify_top=3), (1, 2))
+    damages = {}
+    for pair in [(1, 2), (2, 3), (3, 4)]:  # the damage of each candidate, measured the same way
+        probe = merger_for(copy.deepcopy(model), selection="damage")
+        probe.collector.run(probe.batches())
+        damages[pair] = probe._apply(*pair, None, "parallel_pruned")["damage"]
+    step = merger.step()
+    assert step.pair == (3, 4) and step.damage == pytest.approx(damages[(3, 4)])
+    assert damages[(3, 4)] < 1e-3 < min(damages[(1, 2)], damages[(2, 3)])
+    # the installed layer is the one the selection pruned: same as pruning that pair directly
+    reference = merger_for(copy.deepcopy(model))
+    reference.collector.run(reference.batches())
+    reference._apply(3, 4, None, "parallel_pruned")
+    ids = torch.randint(4, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merger.model(ids).logits, reference.model(ids).logits)
+
+
+def test_damage_selection_needs_the_original_refit():
+    with pytest.raises(MKAError, match="selection: damage measures the refit"):
+        MergeConfig(selection="damage")
+    with pytest.raises(MKAError, match="selection: damage measures the refit"):
+        MergeConfig(selection="damage", merge_operator="parallel_pruned", refit_target="widened")
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_parallel_pruned_tracks_the_pair_better_than_dropping_either_layer(kind):
+    model = tiny_model(kind, layers=6, initializer_range=0.1)
+    merger = merger_for(copy.deepcopy(model))
+    merger.collector.run(merger.batches())
+    kept = merger._apply(2, 3, None, "parallel_pruned")
+    assert len(decoder_stack(merger.model)[1]) == 5 and kept["kept_kv_groups"] == list(range(model.config.num_key_value_heads))
+    assert len(kept["kept_neurons"]) == model.config.intermediate_size and max(kept["kept_neurons"]) >= model.config.intermediate_size
+    assert decoder_stack(merger.model)[1][2].mlp.down_proj.weight.shape == decoder_stack(model)[1][2].mlp.down_proj.weight.shape
+    drop_second, drop_first = copy.deepcopy(model), copy.deepcopy(model)
+    drop_layers(drop_second, [3])
+    drop_layers(drop_first, [2])
+
+    @torch.no_grad()
+    def error(m):  # state after the pair (after its replacement) vs the dense model's, on the calibration batches
+        total = 0.0
+        for batch in merger.batches():
+            want = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[4]
+            total += float((m(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[3] - want).pow(2).sum())
+        return total
+
+    merged = error(merger.model)
+    assert merged < error(drop_second) and merged < error(drop_first)
+
+
+def test_gemma3_parallel_pruned_keeps_layer_types_exports_and_generates(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gemma3", layers=6)
+    types = list(model.config.layer_types)
+    merger = merger_for(model)
+    merger.merge_to(4)
+    kept_originals = [origins[0] for origins in merger.origins]
+    assert model.config.layer_types == [types[i] for i in kept_originals]
+    assert all(s.operator == "parallel_pruned" for s in merger.plan)
+    model.save_pretrained(tmp_path / "export")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and reloaded.config.num_hidden_layers == 4
+    ids = torch.randint(4, 120, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids).logits, model(ids).logits)
+        cached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        plain = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_parallel_stays_refused_on_qwen3_and_gemma3_but_pruned_is_offered():
+    merger_for(tiny_model("qwen3", layers=4))  # parallel_pruned is accepted
+    with pytest.raises(MKAError, match="use merge_operator: parallel_pruned, merge_operator: average"):
+        LayerMerger(tiny_model("qwen3", layers=4), MergeConfig(merge_operator="parallel", points=PointSpec("tokens", 64, 0)), batches(), torch.full((8,), 24))
+
+
+def test_cached_pair_output_as_target_equals_running_the_original_pair():
+    # Right after a suffix rescoring the cached input of the layer after the pair IS the pair's output: the prune
+    # takes it instead of running both layers again, and must come out the same.
+    model = tiny_model("llama", layers=6, initializer_range=0.1)
+    results = []
+    for fresh in (False, True):
+        merger = merger_for(copy.deepcopy(model))
+        merger.collector.run(merger.batches())
+        merger._stale_from = None if fresh else 0
+        assert (merger._cached_pair_output(2) is not None) == fresh
+        kept = merger._apply(2, 3, None, "parallel_pruned")
+        results.append((kept, decoder_stack(merger.model)[1][2].mlp.down_proj.weight.clone()))
+    assert results[0][0]["kept_neurons"] == results[1][0]["kept_neurons"]
+    assert results[0][0]["damage"] == pytest.approx(results[1][0]["damage"], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
