@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.fsdp import is_sharded
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
 
@@ -84,8 +85,17 @@ class QuantizeCallback(Callback):
 
         return next((cb for cb in trainer.callbacks if isinstance(cb, MergeCallback)), None)
 
+    def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
+        """Under FSDP no rank holds the whole model to quantize: quantize the healed export in a run of its own."""
+        if is_sharded(strategy):
+            raise MKAError(
+                f"QuantizeCallback under {type(strategy).__name__}: no rank holds the whole model to quantize; quantize the healed export in its own run, "
+                "`lightning-mka validate --model.model <healed export>` with this QuantizeCallback and no MergeCallback"
+            )
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.refuse_under_sharding(trainer.strategy, pl_module)
         # Before the dense validation and any merge: a model the kernels cannot run is refused in seconds, not after.
         # The quantized models run on CPU (load_quantized's device_map).
         for mode in self.modes:
