@@ -72,3 +72,27 @@ def test_bfloat16_evaluation_math_is_float32_and_close():
         scores32, scores16 = continuation_logprobs(fp32, context, choices), continuation_logprobs(bf16, context, choices)
     assert scores16.dtype == torch.float32
     torch.testing.assert_close(scores16, scores32, rtol=0.02, atol=0.05)
+
+
+def test_bfloat16_model_quantizes_with_bfloat16_compute(tiny_corpus, tiny_heldout, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_quantize import save_model
+
+    from lightning_mka.callbacks import QuantizeCallback
+
+    model_dir = save_model(tmp_path / "tiny-llama-64")
+    L.seed_everything(0)
+    module = MKAModule(model=str(model_dir), dtype="bfloat16")
+    data = CalibrationDataModule(tokenizer=str(model_dir), calibration=str(tiny_corpus), calibration_samples=8, seq_len=32, batch_size=4,
+                                 eval_texts=[str(tiny_heldout)], eval_samples=4)
+    quantize = QuantizeCallback(modes=["int8", "nf4"], export_dir=str(tmp_path / "q-{mode}"))
+    L.Trainer(accelerator="cpu", callbacks=[quantize], logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), enable_progress_bar=False,
+              enable_model_summary=False).validate(module, datamodule=data)
+    results = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
+    ppl = f"{tiny_heldout}_ppl"
+    for mode in ("int8", "nf4"):
+        assert abs(results[mode]["metrics"][ppl] / results["float"]["metrics"][ppl] - 1) < 0.2
+        config = json.loads((tmp_path / f"q-{mode}" / "config.json").read_text())
+        assert config["dtype"] == "bfloat16", config.get("dtype")  # computes in the float model's dtype, not float32
+        if mode == "nf4":
+            assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"

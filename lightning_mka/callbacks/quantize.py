@@ -97,9 +97,9 @@ class QuantizeCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.refuse_under_sharding(trainer.strategy, pl_module)
         # Before the dense validation and any merge: a model the kernels cannot run is refused in seconds, not after.
-        # The quantized models run on CPU (load_quantized's device_map).
+        # The quantized models run where the model runs (the strategy's device: CPU here, a GPU where there is one).
         for mode in self.modes:
-            check_quantizable(pl_module.model, mode, "cpu", self.skip_modules)
+            check_quantizable(pl_module.model, mode, trainer.strategy.root_device.type, self.skip_modules)
         merge = self._merge_callback(trainer)
         if merge is not None and merge._target is None:
             raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
@@ -137,6 +137,10 @@ class QuantizeCallback(Callback):
         else:
             source = Path(merged_export)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # The quantized model computes in the float model's dtype, on the float model's device.
+        device = trainer.strategy.root_device
+        device_map = "cpu" if device.type == "cpu" else {"": str(device)}
+        compute_dtype = next(pl_module.model.parameters()).dtype
         results: dict[str, Any] = {
             "source": str(source) if temp is None else "in-memory model",
             "float": {"bytes_on_disk": directory_bytes(source), "bytes_in_memory": weight_bytes(pl_module.model), "metrics": dict(pl_module.last_metrics)},
@@ -144,7 +148,7 @@ class QuantizeCallback(Callback):
         try:
             for mode in self.modes:
                 tick = time.perf_counter()
-                model = load_quantized(source, mode, skip_modules=self.skip_modules)
+                model = load_quantized(source, mode, compute_dtype=compute_dtype, device_map=device_map, skip_modules=self.skip_modules)
                 entry: dict[str, Any] = {"bytes_in_memory": weight_bytes(model), "load_seconds": round(time.perf_counter() - tick, 2)}
                 # Export before the first forward: on AVX512-BF16 CPUs bitsandbytes repacks nf4 weights for inference,
                 # and saving a repacked layer re-quantizes its scales from bfloat16 (a second, lossy rounding).
