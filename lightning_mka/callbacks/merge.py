@@ -517,6 +517,7 @@ class MergeCallback(Callback):
                 "wall": round(time.perf_counter() - self._started, 2),
             },
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            **({"peak_device_mb": round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)} if pl_module.device.type == "cuda" else {}),
             "export_dir": str(Path(self.export_dir).resolve()) if self.export_dir else None,
         }
         if trainer.is_global_zero:
