@@ -27,12 +27,10 @@ from lightning_mka.errors import MKAError
 FSDP_STRATEGY_NAMES = ("fsdp", "fsdp_cpu_offload")
 
 
-def two_step_recipe(model: str = "<model>", export: str = "exports/<name>") -> str:
-    """The one-line recipe the refusals name."""
-    return (
-        f"compress first with `lightning-mka validate` (e.g. --model.model {model} and a MergeCallback with export_dir), "
-        f"then heal the export with `lightning-mka fit --model.model {export} --trainer.strategy fsdp` and no merge to do"
-    )
+def two_step_recipe(export: str = "exports/<name>") -> str:
+    """The two-step recipe the refusals name, in one line."""
+    return (f"merge and heal in two runs: `lightning-mka validate` (compress and export), then "
+            f"`lightning-mka fit --model.model {export} --trainer.strategy fsdp` without the MergeCallback")
 
 
 def is_sharded(strategy: Any) -> bool:
@@ -42,13 +40,17 @@ def is_sharded(strategy: Any) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
-def refuse_surgery_when_sharded(strategy: Any, what: str, model: str = "<model>", export: str = "exports/<name>") -> None:
-    """One-line refusal of any structural change (``what``) under a sharding strategy, naming the two-step recipe."""
+def sharding_name(strategy: Any) -> str:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return "FSDP" if isinstance(strategy, FSDPStrategy) else type(strategy).__name__
+
+
+def refuse_surgery_when_sharded(strategy: Any, what: str, export: str = "exports/<name>") -> None:
+    """One-line refusal of a structural change (``what``, e.g. "MergeCallback would merge 30 -> 21 layers") under a
+    sharding strategy, naming the two-step recipe."""
     if is_sharded(strategy):
-        raise MKAError(
-            f"{what} under {type(strategy).__name__} would change sharded parameters, which surgery never touches; "
-            f"merge and heal in two runs: {two_step_recipe(model, export)}"
-        )
+        raise MKAError(f"{what} under {sharding_name(strategy)}, but surgery never touches sharded parameters; {two_step_recipe(export)}")
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:

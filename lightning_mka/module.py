@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
-from lightning_mka.fsdp import is_sharded
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model, parse_dtype
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
@@ -73,7 +73,7 @@ class MKAModule(L.LightningModule):
         """Under FSDP every parameter trains (``trainable: all``): freezing layers or folding LoRA adapters would change
         the flat sharded parameters."""
         if is_sharded(strategy) and self.hparams.trainable != "all":
-            raise MKAError(f"trainable: {self.hparams.trainable} under {type(strategy).__name__} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
+            raise MKAError(f"trainable: {self.hparams.trainable} under {sharding_name(strategy)} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:

@@ -53,9 +53,9 @@ def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model
     config = write_config(tmp_path / "merge.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export-{layers}L")
     before = sorted(p.name for p in tmp_path.iterdir())
     refused = cli("fit", "--config", str(config), *fsdp, cwd=tmp_path)
-    assert_one_line_error(refused, "MergeCallback (merging 6 -> 3 layers) under MKAFSDPStrategy")
+    assert_one_line_error(refused, "MergeCallback would merge 6 -> 3 layers under FSDP, but surgery never touches sharded parameters")
     line = refused.stderr.strip().splitlines()[-1]
-    assert "`lightning-mka validate`" in line and f"fit --model.model {tmp_path}/export-3L --trainer.strategy fsdp" in line
+    assert "`lightning-mka validate`" in line and f"`lightning-mka fit --model.model {tmp_path}/export-3L --trainer.strategy fsdp`" in line
     assert sum(text.startswith("error:") for text in refused.stderr.splitlines()) == 1  # refused before any rank started
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
@@ -70,12 +70,12 @@ def test_refusals_under_fsdp_without_processes(tiny_model_dir):
     strategy = fsdp_strategy(module.model)
     assert is_sharded(strategy) and {c.__name__ for c in decoder_layer_classes(module.model)} == {"LlamaDecoderLayer"}
     assert strategy.kwargs["auto_wrap_policy"] is not None
-    with pytest.raises(MKAError, match="trainable: merged under MKAFSDPStrategy would change sharded parameters"):
+    with pytest.raises(MKAError, match="trainable: merged under FSDP would change sharded parameters"):
         module.refuse_under_sharding(strategy)
     MKAModule(model=str(tiny_model_dir)).refuse_under_sharding(strategy)  # trainable: all heals under FSDP
-    with pytest.raises(MKAError, match=r"MergeCallback \(shortgpt dropping 6 -> 4 layers\).*then heal the export with `lightning-mka fit --model.model exports/tiny-llama-mka-4L"):
+    with pytest.raises(MKAError, match=r"MergeCallback would drop \(shortgpt\) 6 -> 4 layers under FSDP.*`lightning-mka fit --model.model exports/tiny-llama-mka-4L --trainer.strategy fsdp`"):
         MergeCallback(target_layers=4, method="shortgpt").refuse_under_sharding(strategy, module)
     MergeCallback(target_layers=4).refuse_under_sharding("ddp", module)  # not sharded: merging is fine
     pytest.importorskip("bitsandbytes")
-    with pytest.raises(MKAError, match="QuantizeCallback under MKAFSDPStrategy"):
+    with pytest.raises(MKAError, match="QuantizeCallback under FSDP"):
         QuantizeCallback(modes=["int8"]).refuse_under_sharding(strategy, module)

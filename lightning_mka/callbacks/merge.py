@@ -307,10 +307,10 @@ class MergeCallback(Callback):
             target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
         if depth <= target:
             return  # nothing left to merge: the callback only measures and reports
-        source = str(getattr(pl_module, "hparams", {}).get("model") or "<model>")
+        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
         export = resolve_export_path(self._export_template, source, target) if self._export_template else f"exports/{model_name(source)}-mka-{target}L"
-        what = f"MergeCallback ({'merging' if self.method == 'mka' else self.method + ' dropping'} {depth} -> {target} layers)"
-        refuse_surgery_when_sharded(strategy, what, source, export)
+        what = f"MergeCallback would {'merge' if self.method == 'mka' else 'drop (' + self.method + ')'} {depth} -> {target} layers"
+        refuse_surgery_when_sharded(strategy, what, export)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
-from lightning_mka.fsdp import is_sharded
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
 
@@ -89,7 +89,7 @@ class QuantizeCallback(Callback):
         """Under FSDP no rank holds the whole model to quantize: quantize the healed export in a run of its own."""
         if is_sharded(strategy):
             raise MKAError(
-                f"QuantizeCallback under {type(strategy).__name__}: no rank holds the whole model to quantize; quantize the healed export in its own run, "
+                f"QuantizeCallback under {sharding_name(strategy)}: no rank holds the whole model to quantize; quantize the healed export in its own run, "
                 "`lightning-mka validate --model.model <healed export>` with this QuantizeCallback and no MergeCallback"
             )
 
