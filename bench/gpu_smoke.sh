@@ -16,6 +16,7 @@ PY="${PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 STEPS="${STEPS:-18}"
 ACCELERATOR="${SMOKE_ACCELERATOR:-gpu}"   # SMOKE_ACCELERATOR=cpu runs the same steps on the CPU (to check the script)
+read -r -a EXTRA <<< "${SMOKE_ARGS:-}"      # appended to every command, e.g. SMOKE_ARGS="--data.eval_samples 2" for a short check
 
 if [ "$ACCELERATOR" = gpu ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu_smoke: no CUDA device visible to $PY (torch.cuda.is_available() is False): nothing run"
@@ -39,7 +40,7 @@ EOF
 sed -e "s#export_dir: exports/#export_dir: $OUT/exports/#" "$REPO/configs/smollm2-135m-mka.yaml" > compress.yaml
 tick=$(now_ms)
 "$PY" -m lightning_mka.cli validate --config compress.yaml --model.dtype bfloat16 --trainer.accelerator $ACCELERATOR --trainer.devices 1 \
-  --trainer.logger.init_args.save_dir "$OUT/runs" > compress.log 2>&1 || { tail -20 compress.log; exit 1; }
+  --trainer.logger.init_args.save_dir "$OUT/runs" "${EXTRA[@]}" > compress.log 2>&1 || { tail -20 compress.log; exit 1; }
 compress_s=$(seconds_since "$tick")
 EXPORT="$OUT/exports/smollm2-135m-mka-21L"
 "$PY" - "$OUT/runs" "$compress_s" <<'EOF'
@@ -59,7 +60,7 @@ tick=$(now_ms)
 "$PY" -m lightning_mka.cli fit --config "$REPO/configs/smollm2-135m-mka-heal.yaml" --model.model "$EXPORT" --model.dtype bfloat16 \
   --trainer.accelerator $ACCELERATOR --trainer.devices 1 --trainer.callbacks null --trainer.enable_checkpointing false \
   --trainer.max_steps "$STEPS" --trainer.log_every_n_steps 1 --trainer.logger lightning.pytorch.loggers.CSVLogger \
-  --trainer.logger.save_dir "$OUT/heal" > heal.log 2>&1 || { tail -20 heal.log; exit 1; }
+  --trainer.logger.save_dir "$OUT/heal" "${EXTRA[@]}" > heal.log 2>&1 || { tail -20 heal.log; exit 1; }
 heal_s=$(seconds_since "$tick")
 "$PY" - "$OUT/heal" "$heal_s" "$STEPS" <<'EOF'
 import csv, sys
@@ -90,7 +91,7 @@ data:
 EOF
 tick=$(now_ms)
 "$PY" -m lightning_mka.cli validate --config quantize.yaml --model.model "$EXPORT" --model.dtype bfloat16 --trainer.accelerator $ACCELERATOR \
-  --trainer.devices 1 --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name quantize > quantize.log 2>&1 \
+  --trainer.devices 1 --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name quantize "${EXTRA[@]}" > quantize.log 2>&1 \
   || { tail -20 quantize.log; exit 1; }
 quantize_s=$(seconds_since "$tick")
 "$PY" - "$OUT/runs/quantize" "$quantize_s" <<'EOF'

@@ -45,6 +45,7 @@ def test_fsdp_two_processes_heal_like_one(tmp_path, tiny_model_dir, tiny_corpus,
     moved = max(float((single_weights[k] - dense[k]).abs().max()) for k in dense)
     differ = max(float((single_weights[k] - sharded_weights[k]).abs().max()) for k in dense)
     assert moved > 1e-3 and differ < 2e-5, (moved, differ)
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["export", "losses.json"]  # no temp dir left
 
 
 def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
