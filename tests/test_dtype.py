@@ -96,3 +96,21 @@ def test_bfloat16_model_quantizes_with_bfloat16_compute(tiny_corpus, tiny_heldou
         assert config["dtype"] == "bfloat16", config.get("dtype")  # computes in the float model's dtype, not float32
         if mode == "nf4":
             assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+
+
+def test_gpu_ready_defaults(tmp_path):
+    """`accelerator: auto` everywhere: a GPU where one is present, the CPU here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_mka.cli import TRAINER_DEFAULTS
+
+    assert TRAINER_DEFAULTS["accelerator"] == "auto"
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs and all(yaml.safe_load(c.read_text())["trainer"]["accelerator"] == "auto" for c in configs)
+    printed = subprocess.run([sys.executable, "-m", "lightning_mka.cli", "validate", "--print_config"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert yaml.safe_load(printed.stdout)["trainer"]["accelerator"] == "auto"
