@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 
-FSDP_STRATEGY_NAMES = ("fsdp", "fsdp_cpu_offload")
+FSDP_STRATEGY_NAMES = ("fsdp", "fsdp_cpu_offload")  # `--trainer.strategy` values the CLI builds with fsdp_strategy
 
 
 def two_step_recipe(export: str = "exports/<name>") -> str:
@@ -60,49 +61,47 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {type(layer) for layer in decoder_stack(model)[1]}
 
 
-def _strategy_class():
-    from lightning.pytorch.strategies import FSDPStrategy
+class MKAFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy``, also on CPU (gloo).
 
-    class MKAFSDPStrategy(FSDPStrategy):
-        """Lightning's ``FSDPStrategy``, also on CPU (gloo).
+    Lightning 2.6 refuses ``FSDPStrategy`` with ``accelerator: cpu`` by an exact type check (Lightning issue #21812,
+    "an artificial ValueError"; PyTorch's FSDP itself runs on CPU with gloo), which a subclass passes. On CPU the full
+    state dict is gathered without ``offload_to_cpu``: with it, FSDP frees storage the CPU tensors still alias
+    (Lightning issue #21804, a segmentation fault). And on CPU the wrapper is given the CPU device explicitly: Lightning
+    passes ``device_id=root_device.index`` (None on CPU), from which PyTorch's FSDP looks for an accelerator and finds
+    none. On GPUs it is Lightning's ``FSDPStrategy`` unchanged.
+    """
 
-        Lightning 2.6 refuses ``FSDPStrategy`` with ``accelerator: cpu`` by an exact type check (Lightning issue
-        #21812, "an artificial ValueError"; PyTorch's FSDP itself runs on CPU with gloo), which a subclass passes. On
-        CPU the full state dict is gathered without ``offload_to_cpu``: with it, FSDP frees storage the CPU tensors
-        still alias (Lightning issue #21804, a segmentation fault). And on CPU the wrapper is given the CPU device
-        explicitly: Lightning passes ``device_id=root_device.index`` (None on CPU), from which PyTorch's FSDP
-        looks for an accelerator and finds none.
-        """
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-        @override
-        def _setup_model(self, model: nn.Module) -> nn.Module:
-            if self.root_device.type != "cpu":
-                return super()._setup_model(model)
-            from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-            from torch.distributed.fsdp import FullyShardedDataParallel
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return super()._setup_model(model)  # wrapped by the user: Lightning's own handling
+        wrapped = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                                           sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
 
-            if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-                return super()._setup_model(model)  # wrapped by the user: Lightning's own handling
-            wrapped = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                                               sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
-            _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
-            return wrapped
-
-        @override
-        def lightning_module_state_dict(self) -> dict[str, Any]:
-            if self.root_device.type != "cpu" or self._state_dict_type != "full":
-                return super().lightning_module_state_dict()
-            return _gathered_state_dict(self.model, offload_to_cpu=False)
-
-    return MKAFSDPStrategy
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        return _gathered_state_dict(self.model, offload_to_cpu=False)
 
 
-def fsdp_strategy(model: nn.Module, cpu_offload: bool = False, **kwargs: Any):
+def fsdp_strategy(model: nn.Module, cpu_offload: bool = False, activation_checkpointing: bool = False, **kwargs: Any) -> MKAFSDPStrategy:
     """Lightning's ``FSDPStrategy`` (a subclass that also runs on CPU) with each decoder layer wrapped on its own
     (``auto_wrap_policy``): only one layer's parameters are gathered at a time; embeddings, final norm and head form
-    the root unit. ``kwargs`` go to ``FSDPStrategy`` (e.g. ``sharding_strategy``, ``state_dict_type``)."""
+    the root unit. ``activation_checkpointing``: recompute each decoder layer's activations in the backward pass (keeps
+    only the layer inputs). ``kwargs`` go to ``FSDPStrategy`` (e.g. ``sharding_strategy``, ``state_dict_type``)."""
+    if activation_checkpointing:
+        kwargs.setdefault("activation_checkpointing_policy", decoder_layer_classes(model))
     kwargs.setdefault("auto_wrap_policy", decoder_layer_classes(model))
-    return _strategy_class()(cpu_offload=cpu_offload, **kwargs)
+    return MKAFSDPStrategy(cpu_offload=cpu_offload, **kwargs)
 
 
 def _gathered_state_dict(wrapped: nn.Module, offload_to_cpu: bool) -> dict[str, Any]:
