@@ -61,9 +61,15 @@ def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
     # The two-step recipe's second step: the (compressed) model healed under FSDP, no MergeCallback.
-    healed = cli("fit", "--config", str(config), *fsdp, "--trainer.callbacks", "null", cwd=tmp_path)
+    # Checkpoints hold the full model (on CPU gathered without offload_to_cpu, Lightning issue #21804).
+    healed = cli("fit", "--config", str(config), *fsdp, "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "true",
+                 "--trainer.default_root_dir", str(tmp_path / "root"), cwd=tmp_path)
     assert healed.returncode == 0, healed.stderr[-3000:]
     assert "Starting with 2 processes" in healed.stderr + healed.stdout
+    (checkpoint,) = (tmp_path / "root" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    dense = load_file(tiny_model_dir / "model.safetensors")
+    assert {key.removeprefix("model."): tuple(value.shape) for key, value in state.items()} == {key: tuple(value.shape) for key, value in dense.items()}
 
 
 def test_refusals_under_fsdp_without_processes(tiny_model_dir):
