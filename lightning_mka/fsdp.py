@@ -10,7 +10,7 @@ healed with ``fit --trainer.strategy fsdp``.
         --trainer.strategy fsdp --trainer.devices 8 --trainer.callbacks null
 
 ``fsdp_strategy`` wraps every decoder layer as its own FSDP unit (only one layer is gathered at a time);
-``save_full_model`` gathers the full state dict (offloaded to CPU, rank 0 only) and writes a ``save_pretrained``
+``save_full_model`` gathers the full state dict (rank 0 only; offloaded to CPU from GPUs) and writes a ``save_pretrained``
 directory atomically from rank 0.
 """
 
@@ -36,14 +36,12 @@ def two_step_recipe(export: str = "exports/<name>") -> str:
 
 def is_sharded(strategy: Any) -> bool:
     """True for strategies that shard parameters across ranks (Lightning's FSDP and ModelParallel)."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def sharding_name(strategy: Any) -> str:
-    from lightning.pytorch.strategies import FSDPStrategy
-
     return "FSDP" if isinstance(strategy, FSDPStrategy) else type(strategy).__name__
 
 
