@@ -8,6 +8,7 @@ Bad input ends with one line ``error: ...`` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -16,9 +17,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_mka import signals
+from lightning_mka.callbacks.fault_guard import FaultGuard
 from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.errors import find_mka_error
+from lightning_mka.errors import MKAError, find_mka_error
+from lightning_mka.export import write_error_reason
+from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import is_terminal
 
@@ -51,13 +56,23 @@ class MKACLI(LightningCLI):
         # The datamodule tokenizes with the model's tokenizer.
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def before_instantiate_classes(self) -> None:
+        # A checkpoint to resume from is checked before the model loads (a damaged one fails now, not after loading).
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if config is not None else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+            check_checkpoint(ckpt, model=config.get("model", {}).get("model"))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our progress bar (tqdm on a terminal, plain lines in logs) unless bars are off or the config brings one.
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
-            kwargs["callbacks"] = [*callbacks, ProgressLines()]
+        extra = [FaultGuard()]  # SIGTERM is a clean stop; a DDP rank whose peer died exits
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            extra.append(ProgressLines())
+        if "callbacks" not in kwargs:
+            kwargs["callbacks"] = [*callbacks, *extra]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -100,16 +115,45 @@ def quiet_library_progress_bars() -> None:
         pass
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EPERM}
+
+
+def failed_write(error: BaseException) -> str | None:
+    """A one-line description of a failed write (disk full, read-only...) behind ``error``, or None."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
+            where = f" {current.filename!r}" if current.filename else ""
+            return f"cannot write{where} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
+        current = current.__cause__ or current.__context__
+    reason = write_error_reason(error)
+    if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EROFS), os.strerror(errno.EDQUOT)):
+        return f"a write failed ({reason}); free space or choose a writable directory, then rerun the same command to resume"
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_library_progress_bars()
+    signals.install()
     try:
+        quiet_library_progress_bars()
+        for path in config_paths(list(sys.argv[1:] if args is None else args)):
+            check_yaml_config(path)
         cli_main(args)
+    except signals.Stopped as stopped:
+        print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
+        return signals.stop_status(stopped)
+    except MKAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         cause = find_mka_error(err)
-        if cause is None:
+        line = str(cause) if cause is not None else failed_write(err)
+        if line is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,8 @@ from typing_extensions import override
 from lightning_mka.activations import PointSpec
 from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
+from lightning_mka.files import PROGRESS_FIX, read_progress
+from lightning_mka.signals import set_phase, set_resume_hint
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
@@ -197,6 +199,7 @@ class MergeCallback(Callback):
         self._started = 0.0
         self._finished = False
         self._fingerprint = ""
+        self._resume_steps: list[dict] = []
         self._out_dir = Path(".")
         self._after_merge: dict[str, float] | None = None
         self._results: dict[str, Any] | None = None
@@ -243,18 +246,32 @@ class MergeCallback(Callback):
 
         reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
         merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce, progress=self._progress(trainer))
-        self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
         if pl_module.merge_plan:  # restored from a checkpoint: the module already replayed these merges
             merger.replay(pl_module.merge_plan, apply=False)
-        elif self.resume and self.progress_file is not None and self.progress_file.exists():
-            progress = json.loads(self.progress_file.read_text())
-            if progress.get("fingerprint") != self._fingerprint:
-                raise MKAError(
-                    f"progress file {str(self.progress_file)!r} was written by a different configuration; delete it, or set resume: false to start over"
-                )
-            merger.replay(progress["steps"])
-            rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(progress['steps'])} merges")
+        elif self._resume_steps:
+            merger.replay(self._resume_steps)
+            rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(self._resume_steps)} merges")
         return merger
+
+    def _check_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, depth: int) -> None:
+        """Read and check the progress file at setup, before the dense validation: a damaged file or one from another
+        configuration fails now, not after an hour."""
+        self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
+        self._resume_steps = []
+        if not self.resume or self.progress_file is None or not self.progress_file.exists() or pl_module.merge_plan:
+            return
+        progress = read_progress(self.progress_file)
+        if progress["fingerprint"] != self._fingerprint:
+            raise MKAError(
+                f"progress file {str(self.progress_file)!r} was written by a different configuration; delete it, or set resume: false to start over"
+            )
+        steps = progress["steps"]
+        if steps and steps[0]["depth_after"] != depth - 1:
+            raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (its first merge leaves {steps[0]['depth_after']} layers of a {depth}-layer model); {PROGRESS_FIX}")
+        if steps and steps[-1]["depth_after"] < (self._target or 1):
+            raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (it merges below the target of {self._target} layers); {PROGRESS_FIX}")
+        self._resume_steps = steps
+        set_resume_hint(progress_file=self.progress_file, merges=len(steps))
 
     @staticmethod
     def _progress(trainer: L.Trainer):
@@ -292,6 +309,7 @@ class MergeCallback(Callback):
             return
         assert self._merger is not None
         write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]})
+        set_resume_hint(progress_file=self.progress_file, merges=len(self._merger.plan))
 
     # ---- hooks --------------------------------------------------------------------------------
 
@@ -307,6 +325,8 @@ class MergeCallback(Callback):
             self._layers_before = depth
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()
+            if self.method == "mka":
+                self._check_progress(trainer, pl_module, depth)
 
     @staticmethod
     def _full_sanity_check(trainer: L.Trainer) -> bool:
