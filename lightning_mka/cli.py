@@ -152,9 +152,16 @@ def main(args: list[str] | None = None) -> int:
         cause = find_mka_error(err)
         line = str(cause) if cause is not None else failed_write(err)
         if line is None:
-            raise
+            peer = signals.peer_failure(err)
+            if peer is None:
+                raise
+            if not signals.stop_watches():  # a peer watch may have said it already
+                print(f"error: {peer}", file=sys.stderr, flush=True)
+            return signals.PEER_DIED_STATUS
         print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        signals.stop_watches()
     return 0
 
 

@@ -101,6 +101,7 @@ class PeerWatch:
         self._thread = threading.Thread(target=self._run, name="mka-peer-watch", daemon=True)
 
     def start(self) -> PeerWatch:
+        _watches.append(self)
         self._thread.start()
         return self
 
@@ -121,10 +122,40 @@ class PeerWatch:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             dead = self._dead_peer()
-            if dead and not self._stop.is_set():
+            if dead and not self._stop.is_set() and not _state.get("reported"):
+                _state["reported"] = True
                 print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
                       f"{saved_work()}; rerun the same command to resume", file=sys.stderr, flush=True)
                 os._exit(PEER_DIED_STATUS)
+
+
+_watches: list[PeerWatch] = []
+
+
+def stop_watches() -> bool:
+    """Stop the peer watches (the main thread reports); True when one already reported."""
+    for watch in _watches:
+        watch.stop()
+    return bool(_state.get("reported"))
+
+
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL", "DistNetworkError", "DistBackendError")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank is gone, or None."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{type(current).__name__}: {current}"
+        for marker in PEER_ERRORS:
+            if marker in text:
+                reason = "Connection reset by peer" if "reset by peer" in text else marker
+                return (f"another DDP rank stopped ({reason}) during {_state['phase']}; this rank stops too; "
+                        f"{saved_work()}; rerun the same command to resume")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def stale_owner_alive(name: str) -> bool:

@@ -386,6 +386,7 @@ class MergeCallback(Callback):
         history_before = len(self._merger.similarity_history)
         while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
             tick = time.perf_counter()
+            set_phase(f"merge {len(self._merger.plan) + 1}")
             step = self._merger.step()
             rank_zero_info(
                 f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
@@ -395,6 +396,8 @@ class MergeCallback(Callback):
             self._assert_same_step_on_all_ranks(trainer, step.to_json())
             self._plan = [s.to_json() for s in self._merger.plan]
             self._write_progress(trainer)
+            if self.progress_file is not None:  # every rank knows what a rerun resumes from
+                set_resume_hint(progress_file=self.progress_file, merges=len(self._plan))
         self._save_similarities(trainer, history_before)
 
     @staticmethod
