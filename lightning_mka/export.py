@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -129,13 +130,23 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
             write_json_atomic(tmp / name, data)
-        if path.exists():
-            old = path.with_name(temp_prefix(path, "old") + "dir")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        for attempt in range(3):  # another run may create the dir between the check and the rename
+            try:
+                if path.exists():
+                    if not overwrite:
+                        check_export_dir(path, overwrite)
+                    old = path.with_name(temp_prefix(path, "old") + f"dir{attempt}")
+                    os.replace(path, old)
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, path)
+                break
+            except FileNotFoundError:  # the other run moved the dir away first: try again
+                continue
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
     except Exception as err:  # OSError from Python writes, SafetensorError (Rust I/O) from the weights, MKAError from JSON
         shutil.rmtree(tmp, ignore_errors=True)
         reason = write_error_reason(err)

@@ -65,7 +65,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str, schema: Callable[[An
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        fault = "is truncated" if err.pos >= len(text.rstrip()) else "is not valid JSON"
+        cut = err.pos >= len(text.rstrip()) or (err.msg.startswith("Unterminated string") and "\n" not in text[err.pos:].rstrip())
+        fault = "is truncated" if cut else "is not valid JSON"
         raise MKAError(f"{what} {_name(path)} {fault} (line {err.lineno}, column {err.colno}: {err.msg}); {fix}") from None
     problem = schema(value) if schema is not None else None
     if problem:
