@@ -255,6 +255,15 @@ def check_gguf(path: str | os.PathLike, fix: str = "download the .gguf file agai
     version, tensors, metadata = struct.unpack("<IQQ", head[4:24])
     if version not in (1, 2, 3) or tensors > 1 << 20 or metadata > 1 << 20:
         raise MKAError(f"GGUF file {_name(path)} has a damaged header (version {version}, {tensors} tensors, {metadata} metadata keys); {fix}")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    try:  # memory-mapped: parses the metadata and tensor table, checks every tensor lies inside the file
+        GGUFReader(path)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise MKAError(f"GGUF file {_name(path)} is truncated or damaged ({first}); {fix}") from None
 
 
 def _config_problem(value: Any) -> str | None:

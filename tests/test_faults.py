@@ -288,3 +288,13 @@ def test_ddp_rank_killed_the_other_exits_with_one_line(tmp_path, tiny_model_dir,
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("error: ") and "DDP rank" in line and "rerun the same command to resume" in line, proc.stderr[-3000:]
+
+
+def test_long_text_pieces_cover_the_text_without_splitting_words():
+    from lightning_mka.datamodules.calibration import text_pieces
+
+    text = " ".join(f"word{i}" for i in range(3000))
+    pieces = list(text_pieces(text, size=1000))
+    assert "".join(p for p, _ in pieces) == text and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert all(p.startswith(" ") or i == 0 for i, (p, _) in enumerate(pieces)) and len(pieces) > 20
+    assert list(text_pieces("short")) == [("short", True)] and list(text_pieces("")) == [("", True)]
