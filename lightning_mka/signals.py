@@ -62,16 +62,27 @@ def install() -> None:
             signal.signal(signum, _raise_stopped)
 
 
+def _checkpoint() -> str | None:
+    value = _state.get("checkpoint")
+    return value() if callable(value) else value
+
+
 def saved_work() -> str:
-    if _state.get("checkpoint"):
-        return f"the last checkpoint is {_state['checkpoint']}"
+    if _checkpoint():
+        return f"the last checkpoint is {_checkpoint()}"
     if _state.get("progress_file") is not None and _state.get("merges"):
         return f"{_state['merges']} finished merge(s) saved in {_state['progress_file']}"
     return "no finished merge or epoch to keep"
 
 
+def rerun_hint() -> str:
+    if _checkpoint():
+        return "rerun the same command with --ckpt_path last (or that file) to resume"
+    return "rerun the same command to resume"
+
+
 def stop_message(stopped: Stopped) -> str:
-    return f"stopped by {stopped} during {_state['phase']}; {saved_work()}; rerun the same command to resume"
+    return f"stopped by {stopped} during {_state['phase']}; {saved_work()}; {rerun_hint()}"
 
 
 def stop_status(stopped: Stopped) -> int:
@@ -125,7 +136,7 @@ class PeerWatch:
             if dead and not self._stop.is_set() and not _state.get("reported"):
                 _state["reported"] = True
                 print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
-                      f"{saved_work()}; rerun the same command to resume", file=sys.stderr, flush=True)
+                      f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
                 os._exit(PEER_DIED_STATUS)
 
 
@@ -153,7 +164,7 @@ def peer_failure(error: BaseException) -> str | None:
             if marker in text:
                 reason = "Connection reset by peer" if "reset by peer" in text else marker
                 return (f"another DDP rank stopped ({reason}) during {_state['phase']}; this rank stops too; "
-                        f"{saved_work()}; rerun the same command to resume")
+                        f"{saved_work()}; {rerun_hint()}")
         current = current.__cause__ or current.__context__
     return None
 

@@ -21,6 +21,14 @@ class FaultGuard(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.checkpoint_callback is not None:
+            callback = trainer.checkpoint_callback
+
+            def last_checkpoint() -> str | None:  # asked only when a stop is reported
+                path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+                return path if path and os.path.exists(path) else None
+
+            signals.set_resume_hint(checkpoint=last_checkpoint)
         if trainer.world_size > 1 and self._watch is None and trainer.num_nodes == 1:
             launcher = trainer.strategy.launcher
             procs = getattr(launcher, "procs", []) if trainer.global_rank == 0 else []
@@ -47,13 +55,6 @@ class FaultGuard(Callback):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signals.set_phase(f"training epoch {trainer.current_epoch}")
-
-    @override
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        callback = trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        if last and os.path.exists(last):
-            signals.set_resume_hint(checkpoint=f"{last} (fit --ckpt_path last resumes)")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
