@@ -12,6 +12,8 @@ Faults, comma-separated ``key=value`` (one fault per run):
   write=<text>, errno=ENOSPC|EROFS
                             every write to a path containing <text> fails with that error (the disk is full / the
                             file system read-only from then on), through Python ``open``/``os.open`` and safetensors
+  at_write=<text>           send ``signal`` once a file whose path contains <text> is created and partly written
+  (first argument --assets: run ``lightning-mka-assets`` instead of ``lightning-mka``)
 """
 
 from __future__ import annotations
@@ -84,23 +86,38 @@ def install(fault: dict) -> None:
                 fire(fault)
 
         MergeCallback._write_progress = write_then_fire
-    if "write" in fault:
+    if "write" in fault or "at_write" in fault:
         code = getattr(errno, fault.get("errno", "ENOSPC"))
-        text = fault["write"]
+        text = fault.get("write") or fault["at_write"]
+        signal_instead = "at_write" in fault  # the signal arrives as this file is being written
 
         def failing(path) -> bool:
             return text in str(path)
 
         real_open, real_os_open = builtins.open, os.open
 
+        def hit(path):
+            if signal_instead:
+                fire(fault)
+            raise OSError(code, os.strerror(code), str(path))
+
         def open_(file, mode="r", *args, **kwargs):
             if any(c in mode for c in "wax+") and failing(file):
-                raise OSError(code, os.strerror(code), str(file))
+                if signal_instead:
+                    handle = real_open(file, mode, *args, **kwargs)  # created, partly written: then the signal
+                    handle.write(b"\0" * 100 if "b" in mode else "{")
+                    handle.flush()
+                    hit(file)
+                hit(file)
             return real_open(file, mode, *args, **kwargs)
 
         def os_open(path, flags, *args, **kwargs):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and failing(path):
-                raise OSError(code, os.strerror(code), str(path))
+                if signal_instead:
+                    fd = real_os_open(path, flags, *args, **kwargs)
+                    os.write(fd, b"{")
+                    hit(path)
+                hit(path)
             return real_os_open(path, flags, *args, **kwargs)
 
         builtins.open, os.open = open_, os_open
@@ -109,6 +126,9 @@ def install(fault: dict) -> None:
         save_file = safetensors.torch.save_file
 
         def save_file_(tensors, filename, *args, **kwargs):
+            if failing(filename) and signal_instead:
+                save_file(tensors, filename, *args, **kwargs)
+                fire(fault)
             if failing(filename):
                 raise safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
             return save_file(tensors, filename, *args, **kwargs)
@@ -118,11 +138,13 @@ def install(fault: dict) -> None:
 
 def main() -> int:
     spec = os.environ.get("MKA_INJECT", "")
-    from lightning_mka import export, loading, progress  # noqa: F401  (import first so patches reach every user)
+    from lightning_mka import assets, export, loading, progress  # noqa: F401  (import first so patches reach every user)
     from lightning_mka.callbacks import merge  # noqa: F401
 
     if spec:
         install(parse(spec))
+    if sys.argv[1:2] == ["--assets"]:  # lightning-mka-assets instead of lightning-mka
+        return assets.main(sys.argv[2:])
     from lightning_mka.cli import main as cli_main
 
     return cli_main(sys.argv[1:])
