@@ -23,7 +23,7 @@ from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
 from lightning_mka.errors import MKAError, find_mka_error
 from lightning_mka.export import write_error_reason
-from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths
+from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths, read_progress
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import is_terminal
 
@@ -62,6 +62,24 @@ class MKACLI(LightningCLI):
         ckpt = config.get("ckpt_path") if config is not None else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             check_checkpoint(ckpt, model=config.get("model", {}).get("model"))
+        if config is not None and not ckpt:
+            self._check_progress_files(config)
+
+    @staticmethod
+    def _check_progress_files(config) -> None:
+        """A MergeCallback's progress file, read and checked before the model loads (where its path can be known
+        without the model: a local model dir gives the depth for ``{layers}``). MergeCallback checks it again, with
+        the configuration's fingerprint, at setup."""
+        from lightning_mka.callbacks.merge import MergeCallback
+
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        model = config.get("model", {}).get("model")
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if not str(getattr(callback, "class_path", "")).endswith("MergeCallback"):
+                continue
+            path = MergeCallback.progress_path_before_loading(dict(getattr(callback, "init_args", {}) or {}), model)
+            if path is not None and path.exists():
+                read_progress(path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our progress bar (tqdm on a terminal, plain lines in logs) unless bars are off or the config brings one.

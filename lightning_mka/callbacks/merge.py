@@ -290,6 +290,36 @@ class MergeCallback(Callback):
             progress = str(Path(self.export_dir).expanduser()) + ".mka-progress.json"
         self.progress_file = Path(resolve_export_path(progress, model, layers)).expanduser() if progress else None
 
+    @staticmethod
+    def progress_path_before_loading(init_args: dict, model: str | None) -> Path | None:
+        """The progress file a configuration will use, from its options and the model's config.json, or None when it
+        cannot be known before the model loads (a hub id, a .gguf file, an asset not built yet) or is not used."""
+        if not init_args.get("resume", True) or init_args.get("method", "mka") != "mka":
+            return None
+        export, progress = init_args.get("export_dir"), init_args.get("progress_file")
+        if progress is None and export is None:
+            return None
+        depth = None
+        try:
+            from lightning_mka.assets import ASSETS, cache_dir
+
+            folder = cache_dir() / "models" / model if model in ASSETS else Path(str(model)).expanduser()
+            config = json.loads((folder / "config.json").read_text())
+            depth = int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers"))
+            layers = resolve_target(depth, init_args.get("target_layers"), init_args.get("compression_ratio"), int(init_args.get("keep_first", 1)), int(init_args.get("keep_last", 1)))
+        except (OSError, ValueError, TypeError, AttributeError, MKAError):
+            layers = None
+        templates = [t for t in (export, progress) if t is not None]
+        if layers is None and any("layers" in export_placeholders(t) for t in templates):
+            return None
+        try:
+            export_dir = resolve_export_path(export, str(model), layers or 0) if export is not None else None
+            if progress is None:
+                progress = str(Path(export_dir).expanduser()) + ".mka-progress.json"
+            return Path(resolve_export_path(progress, str(model), layers or 0)).expanduser()
+        except MKAError:
+            return None
+
     def _configuration_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """What determines the plan: model, merge options, target, calibration data (not evaluation or export)."""
         data = dict(getattr(trainer.datamodule, "hparams", {}))
