@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -143,8 +144,8 @@ def failed_write(error: BaseException) -> str | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
-            where = f" {current.filename!r}" if current.filename else ""
-            return f"cannot write{where} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
+            what = f"cannot write {current.filename!r}" if current.filename else "a write failed"
+            return f"{what} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
         current = current.__cause__ or current.__context__
     reason = write_error_reason(error)
     if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EROFS), os.strerror(errno.EDQUOT)):
@@ -152,9 +153,23 @@ def failed_write(error: BaseException) -> str | None:
     return None
 
 
+def _quiet_failed_writes_in_threads() -> None:
+    """A logger's writer thread that hits a full or read-only disk prints a traceback of its own; the main thread
+    then fails on the same error and reports it as one line."""
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS:
+            return
+        default(args)
+
+    threading.excepthook = hook
+
+
 def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signals.install()
+    _quiet_failed_writes_in_threads()
     try:
         quiet_library_progress_bars()
         for path in config_paths(list(sys.argv[1:] if args is None else args)):
