@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 INJECT = ROOT / "bench" / "inject.py"
 OUT = ROOT / "bench" / "results"
 PY = sys.executable
+GROUP_ORDER = ["files", "kills", "kills-smol", "fit", "writes", "cache", "concurrency", "ddp"]
 OUTCOMES = ("refused with one line, nothing written", "resumed, same result", "stopped cleanly, rerun resumes", "completed")
 
 
@@ -168,7 +169,7 @@ class Campaign:
     def record(self, fault: str, where: str, result: dict, rerun: dict | None = None, wrote: bool = False, same: bool | None = None,
                lost: float | None = None, note: str = "") -> None:
         outcome = classify(result, wrote, rerun, same)
-        row = {"model": self.ws.kind, "fault": fault, "where": where, "outcome": outcome, "exit": result["rc"], "line": result["last"],
+        row = {"model": self.ws.kind, "fault": fault, "where": where, "outcome": outcome, "exit": result["rc"], "line": result["last"] if result["rc"] != 0 else "",
                "lost_s": None if lost is None else round(max(lost, 0.0), 1), "rerun": None if rerun is None else ("same result" if same else f"exit {rerun['rc']}, differs"),
                "seconds": round(result["seconds"], 1), "note": note}
         self.rows.append(row)
@@ -473,10 +474,19 @@ def concurrency_rows(c: Campaign) -> None:
         lines = [(err.strip().splitlines() or [""])[-1] for _, err in outs]
         result = {"rc": "/".join(map(str, codes)), "seconds": seconds, "last": next((l for l in lines if l.startswith("error")), lines[0]),
                   "traceback": any("Traceback" in err for _, err in outs), "stderr": ""}
-        outcome_ok = same and not result["traceback"] and not list(run_dir.glob(".export*"))
-        row_result = {**result, "rc": 0 if outcome_ok else result["rc"]}
-        c.record("two runs at once, same export dir and progress file", f"overwrite: {str(overwrite).lower()}", row_result, same=outcome_ok,
-                 note=f"exit statuses {result['rc']}; export consistent: {same}")
+        clean = same and not result["traceback"] and not list(run_dir.glob(".export*"))
+        if not clean:
+            outcome = f"FAILED: export consistent {same}, traceback {result['traceback']}"
+        elif codes == [0, 0]:
+            outcome = "completed"
+        elif sorted(codes) == [0, 2]:
+            outcome = "completed; the other refused with one line at its export (the dir exists), export consistent"
+        else:
+            outcome = f"FAILED: exits {codes}"
+        c.rows.append({"model": c.ws.kind, "fault": "two runs at once, same export dir and progress file", "where": f"overwrite: {str(overwrite).lower()}",
+                       "outcome": outcome, "exit": result["rc"], "line": result["last"] if 2 in codes else "", "lost_s": None,
+                       "rerun": None, "seconds": round(seconds, 1), "note": f"export = the uninterrupted run's: {same}"})
+        print(f"[faults] {c.ws.kind} | concurrent overwrite={overwrite} | {outcome}", flush=True)
 
 
 def ddp_rows(c: Campaign) -> None:
@@ -540,22 +550,26 @@ def main() -> int:
     json_path = Path(args.out).with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else {"rows": [], "meta": {}}
     kinds = [args.only] if args.only else ["tiny", "smollm2"]
-    rows = [r for r in previous["rows"] if r["model"] not in kinds]
-    meta = {**previous.get("meta", {}), "command": "python bench/faults.py" + (f" --only {args.only}" if args.only else ""),
+    groups_of = {kind: (args.rows.split(",") if kind == "tiny" else ["kills-smol", "files"]) for kind in kinds}
+    rows = [r for r in previous["rows"] if r["model"] not in kinds or r.get("group") not in groups_of[r["model"]]]
+    meta = {**previous.get("meta", {}), "command": "python bench/faults.py [--only tiny|smollm2] [--rows ...]",
             "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "mounts": mounts}
     with tempfile.TemporaryDirectory(prefix="mka-faults-") as tmp:
         for kind in kinds:
             ws = Workspace(Path(tmp) / kind, kind)
             campaign = Campaign(ws, mounts)
             meta[f"{kind}_straight"] = round(campaign.straight["seconds"], 1)
-            groups = args.rows.split(",") if kind == "tiny" else ["kills-smol", "files"]
-            for group in groups:
+            for group in groups_of[kind]:
+                first = len(campaign.rows)
                 {"files": file_rows, "kills": kill_rows, "writes": write_rows, "cache": cache_rows, "concurrency": concurrency_rows,
                  "ddp": ddp_rows, "fit": fit_rows, "kills-smol": smol_kill_rows}[group](campaign)
-                rows_now = rows + campaign.rows
+                for row in campaign.rows[first:]:
+                    row["group"] = group
+                rows_now = sorted(rows + campaign.rows, key=lambda r: (r["model"] != "tiny", GROUP_ORDER.index(r.get("group", "files"))))
                 json_path.write_text(json.dumps({"rows": rows_now, "meta": meta}, indent=1) + "\n")
                 Path(args.out).write_text(markdown(rows_now, meta))
             rows += campaign.rows
+    rows = sorted(rows, key=lambda r: (r["model"] != "tiny", GROUP_ORDER.index(r.get("group", "files"))))
     json_path.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1) + "\n")
     Path(args.out).write_text(markdown(rows, meta))
     failed = [r for r in rows if r["outcome"].startswith("FAILED")]

@@ -219,12 +219,19 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def straight_export(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
-    config = write_config(tmp_path / "straight.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export-straight")
-    proc = cli(config, tmp_path)
+@pytest.fixture(scope="module")
+def straight_export(tmp_path_factory):
+    """An uninterrupted run's export (the tiny model and corpus of conftest: the same weights and data as each test's)."""
+    from conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("straight")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama", layers=6).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus, heldout = write_corpus(root / "corpus.txt"), write_corpus(root / "heldout.txt", documents=20, seed=1)
+    proc = cli(write_config(root / "straight.yaml", model_dir, corpus, heldout, root / "export-straight"), root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp_path / "export-straight"
+    return root / "export-straight"
 
 
 def test_truncated_progress_file_is_refused_before_the_dense_validation(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
