@@ -57,13 +57,19 @@ class MKACLI(LightningCLI):
         # The datamodule tokenizes with the model's tokenizer.
         parser.link_arguments("model.model", "data.tokenizer")
 
-    def before_instantiate_classes(self) -> None:
-        # A checkpoint to resume from is checked before the model loads (a damaged one fails now, not after loading).
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters right after parsing: check the file first (a damaged
+        # one is one line, before any model loads).
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
         ckpt = config.get("ckpt_path") if config is not None else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             check_checkpoint(ckpt, model=config.get("model", {}).get("model"))
-        if config is not None and not ckpt:
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and not config.get("ckpt_path"):
             self._check_progress_files(config)
 
     @staticmethod

@@ -305,3 +305,15 @@ def test_long_text_pieces_cover_the_text_without_splitting_words():
     assert "".join(p for p, _ in pieces) == text and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     assert all(p.startswith(" ") or i == 0 for i, (p, _) in enumerate(pieces)) and len(pieces) > 20
     assert list(text_pieces("short")) == [("short", True)] and list(text_pieces("")) == [("", True)]
+
+
+def test_truncated_checkpoint_is_refused_before_lightning_reads_it(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    config = write_config(tmp_path / "b.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
+    ckpt = lightning_checkpoint(tmp_path / "last.ckpt", model=str(tiny_model_dir))
+    ckpt.write_bytes(ckpt.read_bytes()[:300])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(INJECT.parents[1])}
+    proc = subprocess.run([sys.executable, str(INJECT), "fit", "--config", str(config), "--ckpt_path", str(ckpt)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last_line(proc) == (f"error: checkpoint {str(ckpt)!r} is truncated or not a torch checkpoint (File is not a zip file); "
+                               "pass another checkpoint (e.g. an earlier epoch's), or drop --ckpt_path to start over")
