@@ -428,6 +428,7 @@ class MergeCallback(Callback):
             self._write_progress(trainer)
             if self.progress_file is not None:  # every rank knows what a rerun resumes from
                 set_resume_hint(progress_file=self.progress_file, merges=len(self._plan))
+            set_phase(f"the step after merge {len(self._plan)}")
         self._save_similarities(trainer, history_before)
 
     @staticmethod
