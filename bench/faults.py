@@ -129,11 +129,9 @@ def small_fs(path: Path, mode: str):
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
     try:
         if mode == "full":
-            with open(path / ".filler", "wb") as f:
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * 4096)
-                        f.flush()
+            with contextlib.suppress(OSError), open(path / ".filler", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
