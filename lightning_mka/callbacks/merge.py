@@ -338,7 +338,8 @@ class MergeCallback(Callback):
         if self.progress_file is None or not trainer.is_global_zero:
             return
         assert self._merger is not None
-        write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]})
+        write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]},
+                          what="progress file", fix="free space or choose a writable progress_file / export_dir, then rerun the same command")
         set_resume_hint(progress_file=self.progress_file, merges=len(self._merger.plan))
 
     # ---- hooks --------------------------------------------------------------------------------
