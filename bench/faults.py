@@ -447,8 +447,8 @@ def cache_rows(c: Campaign) -> None:
         shutil.copy(raw, cache / "raw" / raw.name)
         env = {"LIGHTNING_MKA_CACHE": str(cache)}
         first = run(["fetch", "wiki"], c.ws.root, f"at_write=wiki-articles,signal={sig}", env=env, assets=True)
+        left = [p.name for p in (cache / "text").glob(".*")] if (cache / "text").exists() else []  # before the rerun
         again = run(["fetch", "wiki"], c.ws.root, env=env, assets=True)
-        left = [p.name for p in (cache / "text").glob(".*")] if (cache / "text").exists() else []
         c.record(f"SIG{sig}", "asset fetch (wiki build, mid-write)", first, again, wrote=True, same=again["rc"] == 0 and not list((cache / "text").glob(".*")),
                  lost=first["seconds"], note=f"temp left by the kill: {left}; removed by the rerun: {not list((cache / 'text').glob('.*'))}")
     if c.mounts:
