@@ -158,7 +158,7 @@ class MKAModule(L.LightningModule):
             for p in tail_parameters(self.model, decoder_stack(self.model)[1], self.hparams.tail_layers):
                 p.requires_grad_(True)
             return
-        trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), self.teacher_plan() if self.source_plan else self.merge_plan)
+        trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), [*self.source_plan, *self.merge_plan])
         for p in self.model.parameters():
             p.requires_grad_(False)
         for i, layer in enumerate(decoder_stack(self.model)[1]):
