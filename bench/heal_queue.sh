@@ -17,9 +17,9 @@ run() {  # run NAME ARGS...
   echo "$(date -u +%T) end $name rc=$?"
   "$PY" bench/heal.py render >/dev/null 2>&1 || true
 }
-PROBE="--heldaside 8 --checkpoints 0 12 --start ours --k 9 --loss kd"
-run probe-kd-lr3e-4 $PROBE --lr 3e-4
-run probe-kd-lr1e-3 $PROBE --lr 1e-3
+PROBE="--heldaside 8 --start ours --k 9 --loss kd"   # 8 steps = 16,384 tokens each
+run probe-kd-lr3e-4 $PROBE --lr 3e-4 --checkpoints 0 8
+run probe-kd-lr1e-3 $PROBE --lr 1e-3 --checkpoints 8
 LR=$("$PY" - <<'PYEOF'
 import json
 rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
@@ -28,7 +28,7 @@ print(rows[best]["lr"])
 PYEOF
 )
 echo "chosen lr $LR"
-run probe-kd-hidden1 $PROBE --lr "$LR" --hidden-weight 1.0
+run probe-kd-hidden1 $PROBE --lr "$LR" --hidden-weight 1.0 --checkpoints 8
 HW=$("$PY" - <<PYEOF
 import json
 rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
