@@ -38,6 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("HEAL_CACHE", "/tmp/lightning-mka-heal"))
 SEQ, BATCH, CAL = 512, 4, 16
 TOKENS_PER_STEP = SEQ * BATCH
+DENSE = "smollm2-135m"
 
 
 def compare_rows() -> list[dict]:
@@ -128,7 +129,7 @@ def dense_reference(data, heldaside: int) -> dict:
     if path.exists():
         return torch.load(path)
     reference: dict = {}
-    metrics = Evaluator(data.val_names, 1, reference, record_reference=True).run(load_model("smollm2-135m"), data.val_dataloader())
+    metrics = Evaluator(data.val_names, 1, reference, record_reference=True).run(load_model(DENSE), data.val_dataloader())
     store = {"reference": reference, "metrics": metrics}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(store, path)
@@ -158,9 +159,9 @@ def cmd_run(args) -> None:
     steps = max(args.checkpoints)
     data = data_module(steps, args.heldaside)
     dense = dense_reference(data, args.heldaside)
-    source = "smollm2-135m" if args.start == "dense" else str(start_dir(args.start, args.k))
+    source = DENSE if args.start == "dense" else str(start_dir(args.start, args.k))
     kd = args.loss == "kd"
-    options = dict(teacher="smollm2-135m", temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
+    options = dict(teacher=DENSE, temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
