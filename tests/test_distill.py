@@ -208,9 +208,9 @@ def test_ddp_distillation_equals_one_process(tmp_path, tiny_model_dir, tiny_corp
     assert [s["alpha"] for s in plans["ddp"]] == pytest.approx([s["alpha"] for s in plans["single"]], abs=1e-5) and len(plans["single"]) == 3
     assert len(curves["single"]) == 4 and len(curves["ddp"]) == 4
     assert curves["single"][-1] < curves["single"][0]
-    # step 1 starts from the same weights: equal up to float summation order; later steps drift only by the way Adam
-    # amplifies last-bit gradient differences (batches of 2 + gloo all-reduce vs one batch of 4)
-    assert curves["ddp"][0] == pytest.approx(curves["single"][0], rel=1e-5)
+    # step 1: the same merged weights up to the last bits of the merge alphas (scored from batches of 2 vs 4) and float
+    # summation order; later steps drift only by the way Adam amplifies last-bit gradient differences
+    assert curves["ddp"][0] == pytest.approx(curves["single"][0], rel=1e-4)
     torch.testing.assert_close(torch.tensor(curves["ddp"]), torch.tensor(curves["single"]), rtol=2e-3, atol=1e-4)
 
 
