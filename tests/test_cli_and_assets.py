@@ -37,7 +37,7 @@ def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     proc = cli("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", cwd=tmp_path)
-    assert_one_line_error(proc, f"calibration source '{empty}' yielded no text")
+    assert_one_line_error(proc, f"calibration file '{empty}' is empty; pass UTF-8 text (.txt) or JSON lines (.jsonl)")
     assert not (tmp_path / "exports").exists()
 
 
@@ -78,7 +78,7 @@ def test_truncated_safetensors_is_one_clear_error(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(MKAError, match="cannot load model"):
+    with pytest.raises(MKAError, match="weights file .*model.safetensors. is truncated or not safetensors .*; re-export the model, or fetch it again"):
         load_model(str(broken))
 
 

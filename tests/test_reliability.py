@@ -68,7 +68,7 @@ def test_truncated_gguf_is_one_clear_error(tmp_path):
     truncated = tmp_path / "model.gguf"
     with open(gguf, "rb") as f:
         truncated.write_bytes(f.read(1 << 20))
-    with pytest.raises(MKAError, match="cannot load model .*model.gguf") as info:
+    with pytest.raises(MKAError, match="GGUF file .*model.gguf. is truncated or damaged .*; download the .gguf file again") as info:
         load_model(str(truncated))
     assert "\n" not in str(info.value)
 

@@ -113,7 +113,7 @@ def test_empty_calibration_file_is_one_clear_error(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(empty), eval_texts=[])
-    with pytest.raises(MKAError, match="yielded no text"):
+    with pytest.raises(MKAError, match="calibration file .*empty.txt. is empty"):
         data.setup()
 
 

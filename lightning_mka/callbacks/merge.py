@@ -19,7 +19,10 @@ from typing_extensions import override
 from lightning_mka.activations import PointSpec
 from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
-from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
+from lightning_mka.files import PROGRESS_FIX, read_progress
+from lightning_mka.signals import set_phase, set_resume_hint
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, resolve_export_path, write_json_atomic
+from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
@@ -197,6 +200,7 @@ class MergeCallback(Callback):
         self._started = 0.0
         self._finished = False
         self._fingerprint = ""
+        self._resume_steps: list[dict] = []
         self._out_dir = Path(".")
         self._after_merge: dict[str, float] | None = None
         self._results: dict[str, Any] | None = None
@@ -243,18 +247,32 @@ class MergeCallback(Callback):
 
         reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
         merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce, progress=self._progress(trainer))
-        self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
         if pl_module.merge_plan:  # restored from a checkpoint: the module already replayed these merges
             merger.replay(pl_module.merge_plan, apply=False)
-        elif self.resume and self.progress_file is not None and self.progress_file.exists():
-            progress = json.loads(self.progress_file.read_text())
-            if progress.get("fingerprint") != self._fingerprint:
-                raise MKAError(
-                    f"progress file {str(self.progress_file)!r} was written by a different configuration; delete it, or set resume: false to start over"
-                )
-            merger.replay(progress["steps"])
-            rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(progress['steps'])} merges")
+        elif self._resume_steps:
+            merger.replay(self._resume_steps)
+            rank_zero_info(f"[mka] resumed from {self.progress_file}: replayed {len(self._resume_steps)} merges")
         return merger
+
+    def _check_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, depth: int) -> None:
+        """Read and check the progress file at setup, before the dense validation: a damaged file or one from another
+        configuration fails now, not after an hour."""
+        self._fingerprint = self._configuration_fingerprint(trainer, pl_module)
+        self._resume_steps = []
+        if not self.resume or self.progress_file is None or not self.progress_file.exists() or pl_module.merge_plan:
+            return
+        progress = read_progress(self.progress_file)
+        if progress["fingerprint"] != self._fingerprint:
+            raise MKAError(
+                f"progress file {str(self.progress_file)!r} was written by a different configuration; delete it, or set resume: false to start over"
+            )
+        steps = progress["steps"]
+        if steps and steps[0]["depth_after"] != depth - 1:
+            raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (its first merge leaves {steps[0]['depth_after']} layers of a {depth}-layer model); {PROGRESS_FIX}")
+        if steps and steps[-1]["depth_after"] < (self._target or 1):
+            raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (it merges below the target of {self._target} layers); {PROGRESS_FIX}")
+        self._resume_steps = steps
+        set_resume_hint(progress_file=self.progress_file, merges=len(steps))
 
     @staticmethod
     def _progress(trainer: L.Trainer):
@@ -272,6 +290,36 @@ class MergeCallback(Callback):
         if progress is None and self.export_dir is not None:
             progress = str(Path(self.export_dir).expanduser()) + ".mka-progress.json"
         self.progress_file = Path(resolve_export_path(progress, model, layers)).expanduser() if progress else None
+
+    @staticmethod
+    def progress_path_before_loading(init_args: dict, model: str | None) -> Path | None:
+        """The progress file a configuration will use, from its options and the model's config.json, or None when it
+        cannot be known before the model loads (a hub id, a .gguf file, an asset not built yet) or is not used."""
+        if not init_args.get("resume", True) or init_args.get("method", "mka") != "mka":
+            return None
+        export, progress = init_args.get("export_dir"), init_args.get("progress_file")
+        if progress is None and export is None:
+            return None
+        depth = None
+        try:
+            from lightning_mka.assets import ASSETS, cache_dir
+
+            folder = cache_dir() / "models" / model if model in ASSETS else Path(str(model)).expanduser()
+            config = json.loads((folder / "config.json").read_text())
+            depth = int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers"))
+            layers = resolve_target(depth, init_args.get("target_layers"), init_args.get("compression_ratio"), int(init_args.get("keep_first", 1)), int(init_args.get("keep_last", 1)))
+        except (OSError, ValueError, TypeError, AttributeError, MKAError):
+            layers = None
+        templates = [t for t in (export, progress) if t is not None]
+        if layers is None and any("layers" in export_placeholders(t) for t in templates):
+            return None
+        try:
+            export_dir = resolve_export_path(export, str(model), layers or 0) if export is not None else None
+            if progress is None:
+                progress = str(Path(export_dir).expanduser()) + ".mka-progress.json"
+            return Path(resolve_export_path(progress, str(model), layers or 0)).expanduser()
+        except MKAError:
+            return None
 
     def _configuration_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """What determines the plan: model, merge options, target, calibration data (not evaluation or export)."""
@@ -291,12 +339,31 @@ class MergeCallback(Callback):
         if self.progress_file is None or not trainer.is_global_zero:
             return
         assert self._merger is not None
-        write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]})
+        write_json_atomic(self.progress_file, {"fingerprint": self._fingerprint, "steps": [s.to_json() for s in self._merger.plan]},
+                          what="progress file", fix="free space or choose a writable progress_file / export_dir, then rerun the same command")
+        set_resume_hint(progress_file=self.progress_file, merges=len(self._merger.plan))
 
     # ---- hooks --------------------------------------------------------------------------------
 
+    def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
+        """Surgery never touches sharded parameters: with layers left to remove, a sharding strategy (FSDP) is refused
+        in one line that names the two-step recipe (compress with ``validate``, heal the export with ``fit``)."""
+        if not is_sharded(strategy):
+            return
+        depth = num_layers(pl_module.model)
+        target = self._target
+        if target is None:
+            target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+        if depth <= target:
+            return  # nothing left to merge: the callback only measures and reports
+        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
+        export = resolve_export_path(self._export_template, source, target) if self._export_template else f"exports/{model_name(source)}-mka-{target}L"
+        what = f"MergeCallback would {'merge' if self.method == 'mka' else 'drop (' + self.method + ')'} {depth} -> {target} layers"
+        refuse_surgery_when_sharded(strategy, what, export)
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.refuse_under_sharding(trainer.strategy, pl_module)
         depth = num_layers(pl_module.model)
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never inside rank-0 code.
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -307,6 +374,8 @@ class MergeCallback(Callback):
             self._layers_before = depth
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()
+            if self.method == "mka":
+                self._check_progress(trainer, pl_module, depth)
 
     @staticmethod
     def _full_sanity_check(trainer: L.Trainer) -> bool:
@@ -366,6 +435,7 @@ class MergeCallback(Callback):
         history_before = len(self._merger.similarity_history)
         while num_layers(pl_module.model) > self._target and (budget is None or budget > 0):
             tick = time.perf_counter()
+            set_phase(f"merge {len(self._merger.plan) + 1}")
             step = self._merger.step()
             rank_zero_info(
                 f"[mka] merge {step.step}: layers {step.pair} (original {step.pair_original[0]}+{step.pair_original[1]}) "
@@ -375,6 +445,9 @@ class MergeCallback(Callback):
             self._assert_same_step_on_all_ranks(trainer, step.to_json())
             self._plan = [s.to_json() for s in self._merger.plan]
             self._write_progress(trainer)
+            if self.progress_file is not None:  # every rank knows what a rerun resumes from
+                set_resume_hint(progress_file=self.progress_file, merges=len(self._plan))
+            set_phase(f"the step after merge {len(self._plan)}")
         self._save_similarities(trainer, history_before)
 
     @staticmethod
@@ -499,6 +572,7 @@ class MergeCallback(Callback):
                 "wall": round(time.perf_counter() - self._started, 2),
             },
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            **({"peak_device_mb": round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)} if pl_module.device.type == "cuda" else {}),
             "export_dir": str(Path(self.export_dir).resolve()) if self.export_dir else None,
         }
         if trainer.is_global_zero:

@@ -24,6 +24,24 @@ from lightning_mka.text import (
 )
 
 
+PIECE_CHARS = 1 << 20  # a document longer than this (one enormous line) is tokenized piece by piece, only as needed
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS):
+    """``(piece, is_last)``: ``text`` itself, or for a very long text, pieces of about ``size`` characters cut before
+    a space (so no word is split); documents up to ``size`` characters (all of wiki's) are tokenized whole, as before."""
+    start = 0
+    while True:
+        end = min(start + size, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + size // 2, end)
+            end = space if space > start else end
+        yield text[start:end], end >= len(text)
+        if end >= len(text):
+            return
+        start = end
+
+
 def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, num_sequences: int) -> torch.Tensor:
     """Tokenize documents (each followed by EOS), concatenate, cut into ``num_sequences`` x ``seq_len``.
 
@@ -34,12 +52,15 @@ def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, num_sequences:
     buffer: list[int] = []
     rows: list[list[int]] = []
     for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            buffer.append(eos)
-        while len(buffer) >= seq_len and len(rows) < num_sequences:
-            rows.append(buffer[:seq_len])
-            buffer = buffer[seq_len:]
+        for piece, last in text_pieces(text):
+            buffer.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            if eos is not None and last:
+                buffer.append(eos)
+            while len(buffer) >= seq_len and len(rows) < num_sequences:
+                rows.append(buffer[:seq_len])
+                buffer = buffer[seq_len:]
+            if len(rows) >= num_sequences:
+                break
         if len(rows) >= num_sequences:
             break
     if not rows and len(buffer) > 1:

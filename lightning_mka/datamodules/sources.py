@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning_mka.assets import asset_path
 from lightning_mka.errors import MKAError
+from lightning_mka.files import check_text_file
 from lightning_mka.text import mmlu_calibration_text, read_mmlu_jsonl, split_mmlu
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -88,6 +89,8 @@ def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str
         raise MKAError(f"data source {source!r} must be .txt, .jsonl, .json or .parquet files of one kind, got {sorted(suffixes)}")
     from datasets import load_dataset
 
+    for file in files:  # binary garbage or another encoding: one line naming the file, before any tokenizing
+        check_text_file(file, what=f"{role} file", fix="pass UTF-8 text (.txt) or JSON lines (.jsonl)")
     builder = _BUILDERS[suffixes.pop()]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:

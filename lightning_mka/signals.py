@@ -1,0 +1,206 @@
+"""Stopping cleanly: SIGTERM / SIGINT end a run with one line, and a DDP rank whose peer died exits instead of hanging.
+
+``install()`` (the CLI calls it first) turns SIGTERM and SIGINT into ``Stopped``, an exception raised where the run
+is: every write is atomic (temp path + rename, the temp removed on any exception), so nothing half-written stays, and
+finished work (merges in the progress file, epochs in checkpoints) is kept. The CLI prints
+``error: stopped by SIGTERM during <phase>; <what is saved>; rerun the same command to resume`` and exits with 128 +
+the signal number. Lightning installs its own SIGTERM handler while a trainer runs (it only stops between training
+batches and broadcasts on rank 0, which can block); ``FaultGuard`` puts ours back when each stage starts.
+
+Under DDP, ``FaultGuard`` watches the other ranks of this machine: the first rank watches the processes it launched,
+the others watch their parent. When one dies, this rank prints one line and exits (status 1) instead of waiting in a
+collective until the process-group timeout (30 minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PEER_DIED_STATUS = 1
+_state: dict = {"phase": "start-up", "progress_file": None, "merges": 0, "checkpoint": None}
+
+
+class Stopped(BaseException):
+    """A stop signal arrived (not an Exception, so no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def set_phase(phase: str) -> None:
+    """What the run is doing now (for the stop line)."""
+    _state["phase"] = phase
+
+
+def set_resume_hint(**hint) -> None:
+    """What a rerun resumes from: ``progress_file`` + ``merges``, or ``checkpoint``."""
+    _state.update(hint)
+
+
+def reset() -> None:
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None)
+
+
+def _raise_stopped(signum, _frame) -> None:
+    for other in STOP_SIGNALS:  # a second signal while stopping does not interrupt the clean-up
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def install() -> None:
+    """SIGTERM and SIGINT raise ``Stopped`` (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_stopped)
+
+
+def _checkpoint() -> str | None:
+    value = _state.get("checkpoint")
+    return value() if callable(value) else value
+
+
+def saved_work() -> str:
+    if _checkpoint():
+        return f"the last checkpoint is {_checkpoint()}"
+    if _state.get("progress_file") is not None and _state.get("merges"):
+        return f"{_state['merges']} finished merge(s) saved in {_state['progress_file']}"
+    return "no finished merge or epoch to keep"
+
+
+def rerun_hint() -> str:
+    if _checkpoint():
+        return "rerun the same command with --ckpt_path last (or that file) to resume"
+    return "rerun the same command to resume"
+
+
+def stop_message(stopped: Stopped) -> str:
+    return f"stopped by {stopped} during {_state['phase']}; {saved_work()}; {rerun_hint()}"
+
+
+def stop_status(stopped: Stopped) -> int:
+    return 128 + int(stopped.signum)
+
+
+def _describe(returncode: int | None) -> str:
+    if returncode is None:
+        return "exited"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class PeerWatch:
+    """A daemon thread: when another rank's process dies, print one line and exit this process."""
+
+    def __init__(self, rank: int, procs=None, interval: float = 0.5) -> None:
+        self.rank = rank
+        self.procs = list(procs or [])
+        self.parent = os.getppid()
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mka-peer-watch", daemon=True)
+
+    def start(self) -> PeerWatch:
+        _watches.append(self)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _dead_peer(self) -> str | None:
+        if self.rank == 0:
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None and code != 0:
+                    return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}"
+            return None
+        if os.getppid() != self.parent:
+            return f"DDP rank 0 (pid {self.parent}) exited"
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            dead = self._dead_peer()
+            if dead and not self._stop.is_set() and not _state.get("reported"):
+                _state["reported"] = True
+                print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
+                      f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
+                os._exit(PEER_DIED_STATUS)
+
+
+_watches: list[PeerWatch] = []
+
+
+def stop_watches() -> bool:
+    """Stop the peer watches (the main thread reports); True when one already reported."""
+    for watch in _watches:
+        watch.stop()
+    return bool(_state.get("reported"))
+
+
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL", "DistNetworkError", "DistBackendError")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank is gone, or None."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{type(current).__name__}: {current}"
+        for marker in PEER_ERRORS:
+            if marker in text:
+                reason = "Connection reset by peer" if "reset by peer" in text else marker
+                return (f"another DDP rank stopped ({reason}) during {_state['phase']}; this rank stops too; "
+                        f"{saved_work()}; {rerun_hint()}")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def stale_owner_alive(name: str) -> bool:
+    """Whether the process that owns a temp path named ``...-pid<N>-...`` still runs (unknown owner: alive)."""
+    import re
+
+    match = re.search(r"-pid(\d+)-", name)
+    if match is None:
+        return True
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(parent: Path, prefix: str) -> list[Path]:
+    """Remove temp files and dirs ``<prefix>*-pid<N>-*`` in ``parent`` left by processes that no longer run (a
+    SIGKILL skips every clean-up). A live run's temp paths are left alone."""
+    import shutil
+
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(f"{prefix}*"):
+        if not stale_owner_alive(path.name):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
