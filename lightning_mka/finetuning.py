@@ -8,13 +8,15 @@ from torch import nn
 
 from lightning_mka.errors import MKAError
 
-TRAINABLE = ("all", "merged", "lora")
+TRAINABLE = ("all", "merged", "lora", "tail")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def check_trainable(mode: str, lora_rank: int = 8) -> None:
+def check_trainable(mode: str, lora_rank: int = 8, tail_layers: int = 3) -> None:
     if mode not in TRAINABLE:
         raise MKAError(f"unknown trainable {mode!r}; use one of {', '.join(TRAINABLE)}")
+    if mode == "tail" and (not isinstance(tail_layers, int) or tail_layers < 0):
+        raise MKAError(f"tail_layers must be an integer >= 0, got {tail_layers!r}")
     if mode == "lora":
         require_peft()
         if lora_rank < 1:
@@ -48,6 +50,21 @@ def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
     origins = current_origins(depth_before, plan)
     merged = {i for i, o in enumerate(origins) if len(o) > 1}
     return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
+
+
+def tail_parameters(model: nn.Module, layers: nn.ModuleList, count: int) -> list[nn.Parameter]:
+    """The last ``count`` decoder layers, the final norm and the output head ("Reassessing Layer Pruning"). With tied
+    embeddings the head's weight is the input embedding matrix, which then trains too."""
+    modules = list(layers)[len(layers) - count :] if count else []
+    base = getattr(model, "model", model)
+    for extra in (getattr(base, "norm", None), model.get_output_embeddings()):
+        if extra is not None:
+            modules.append(extra)
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def has_lora(model: nn.Module) -> bool:

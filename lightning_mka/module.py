@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
-from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
+from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
 from lightning_mka.fsdp import is_sharded, sharding_name
-from lightning_mka.loading import load_model, parse_dtype
+from lightning_mka.loading import load_model, load_tokenizer, parse_dtype, resolve_model_source
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
 from lightning_mka.surgery import decoder_stack
@@ -36,6 +40,22 @@ class MKAModule(L.LightningModule):
             of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
             ``peft``, folded into the weights before every merge and at the end of ``fit``).
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (``trainable: lora``).
+        tail_layers: ``trainable: tail`` trains the last ``tail_layers`` decoder layers, the final norm and the output
+            head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head).
+        distill: heal by knowledge distillation from a frozen teacher: the model as loaded, before any merge (one
+            copy, made here), or ``teacher``. Without it, the training loss is the plain LM loss.
+        teacher: a model source (asset, HF dir, .gguf) to distill from (implies ``distill``), e.g. the dense model
+            when ``model`` is an already-compressed export. It must share the student's tokenizer and vocabulary.
+            The teacher is frozen, in eval mode, never updated, and kept off the module's registered children: it is
+            not in ``parameters()``, the optimizer, the DDP wrapper or the checkpoint's ``state_dict`` (each DDP rank
+            holds its own copy).
+        temperature: distillation temperature ``T`` (> 0); the loss is ``T^2 * KL(teacher || student)``.
+        kd_weight, lm_weight: weights of the distillation and the LM (next-token cross-entropy) terms.
+        hidden_weight: weight of a hidden-state term: relative MSE between every student layer's output and the output
+            of the teacher layer that ends its group in the merge plan (a merged pair ``l+m`` is aligned to ``m``).
+        kd_chunk_tokens: tokens per chunk of the distillation loss (memory is bounded by one chunk's logits).
+        lr_schedule: ``constant`` | ``cosine`` (cosine decay to ``min_lr_ratio`` over the run's training steps), both
+            after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.
     """
 
     def __init__(
@@ -50,19 +70,64 @@ class MKAModule(L.LightningModule):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_targets: list[str] | None = None,
+        tail_layers: int = 3,
+        distill: bool = False,
+        teacher: str | None = None,
+        temperature: float = 1.0,
+        kd_weight: float = 1.0,
+        lm_weight: float = 0.0,
+        hidden_weight: float = 0.0,
+        kd_chunk_tokens: int = 1024,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
         parse_dtype(dtype)
-        check_trainable(trainable, lora_rank)
+        check_trainable(trainable, lora_rank, tail_layers)
+        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model(model, dtype)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
+        # Merges already in the loaded model (an export of this tool): the teacher's layers the student's came from.
+        self.source_plan: list[dict] = read_export_plan(model)
+        self.__dict__["_teacher"] = None  # in __dict__, not a registered child: see ``teacher`` above
+        if distill or teacher is not None:
+            self.__dict__["_teacher"] = self._load_teacher(teacher, dtype)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.merge_plan: list[dict] = []  # set by MergeCallback; replayed when a checkpoint is loaded
         self.last_metrics: dict[str, float] = {}
         self._reference_top1: dict[tuple[str, int], torch.Tensor] = {}
         self._evaluator: Evaluator | None = None
+
+    # ---- the teacher ----------------------------------------------------------------------------
+
+    def _load_teacher(self, source: str | None, dtype: str):
+        if source is None:
+            teacher = copy.deepcopy(self.model)  # the model as loaded, before any merge: the one copy
+        else:
+            teacher = load_model(source, dtype)
+            decoder_stack(teacher)
+            student_vocab = self.model.get_output_embeddings().weight.shape[0]
+            teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+            if student_vocab != teacher_vocab:
+                raise MKAError(f"teacher {source!r} has a vocabulary of {teacher_vocab} but the student has {student_vocab}; distill from a model with the same tokenizer")
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    @property
+    def teacher(self):
+        """The frozen teacher (None without distillation); not a registered submodule."""
+        return self.__dict__.get("_teacher")
+
+    def teacher_plan(self) -> list[dict]:
+        """Every merge and drop between the teacher's structure and the student's current one."""
+        if self.hparams.get("teacher") is None:
+            return list(self.merge_plan)  # the teacher is the model as loaded
+        return [*self.source_plan, *self.merge_plan]
 
     # ---- forward / training ---------------------------------------------------------------------
 
@@ -81,6 +146,8 @@ class MKAModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
         self.configure_trainable()
 
     # ---- which parameters train -----------------------------------------------------------------
@@ -96,7 +163,13 @@ class MKAModule(L.LightningModule):
             for p in self.model.parameters():
                 p.requires_grad_(True)
             return
-        trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), self.merge_plan)
+        if mode == "tail":
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for p in tail_parameters(self.model, decoder_stack(self.model)[1], self.hparams.tail_layers):
+                p.requires_grad_(True)
+            return
+        trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), [*self.source_plan, *self.merge_plan])
         for p in self.model.parameters():
             p.requires_grad_(False)
         for i, layer in enumerate(decoder_stack(self.model)[1]):
@@ -111,10 +184,38 @@ class MKAModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not any(p.requires_grad for p in self.model.parameters()):
             return None  # nothing to train yet (trainable: merged before the first merge): skip the step
+        if self.teacher is not None:
+            return self._distillation_step(batch)
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
         loss = (nll_sum / count).float()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss
+
+    def _distillation_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hp = self.hparams
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        want_states = hp.hidden_weight > 0
+        student_last, student_states = body_states(self.model, ids, mask, want_states)
+        with torch.no_grad():
+            teacher_last, teacher_states = body_states(self.teacher, ids, mask, want_states)
+        # position t predicts token t+1: score positions 0..S-2 against ids[:, 1:]
+        kd, lm = kd_loss(
+            student_last[:, :-1], teacher_last[:, :-1], output_head(self.model), output_head(self.teacher),
+            hp.temperature, mask[:, 1:], hp.kd_chunk_tokens, targets=ids[:, 1:],
+        )
+        loss = hp.kd_weight * kd + hp.lm_weight * lm
+        size = ids.shape[0]
+        if want_states:
+            aligned = aligned_teacher_layers(len(student_states), self.teacher_plan())
+            if len(teacher_states) <= max(aligned):
+                raise MKAError(f"the teacher has {len(teacher_states)} layers but the merge plan refers to layer {max(aligned)}; give the teacher the student was compressed from")
+            hidden = hidden_mse(student_states, [teacher_states[j] for j in aligned], mask)
+            loss = loss + hp.hidden_weight * hidden
+            self.log("train/hidden", hidden, batch_size=size, sync_dist=True)
+        self.log("train/kd", kd, batch_size=size, sync_dist=True)
+        self.log("train/lm", lm, batch_size=size, sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -124,9 +225,31 @@ class MKAModule(L.LightningModule):
             optimizer = self.optimizer_factory(params)
         else:
             optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate)
-        if self.lr_scheduler_factory is None:
+        if self.lr_scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        hp = self.hparams
+        if hp.lr_schedule == "constant" and not hp.warmup_steps:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        total = self._total_steps()
+        cosine = hp.lr_schedule == "cosine"
+
+        def factor(_: int) -> float:
+            # From the trainer's global step, so an optimizer rebuilt after a merge continues the same schedule.
+            step = self.trainer.global_step if self._trainer is not None else 0
+            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio) if cosine else min(1.0, (step + 1) / (hp.warmup_steps + 1))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        try:
+            total = trainer.estimated_stepping_batches
+        except Exception:  # no train loader yet
+            return 1
+        return int(total) if total != float("inf") else 1
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -188,7 +311,7 @@ class MKAModule(L.LightningModule):
 
     # ---- checkpoints that survive structure changes --------------------------------------------
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the teacher is not in state_dict (not registered)
         checkpoint["mka_merge_plan"] = list(self.merge_plan)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -201,3 +324,83 @@ class MKAModule(L.LightningModule):
             self.merge_plan = list(plan)
         if any(".lora_" in key for key in checkpoint.get("state_dict", {})) and not has_lora(self.model):
             self.configure_trainable()
+
+
+# ---- helpers (no Lightning state) ------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_distillation(model: str, teacher: str | None, temperature: float, kd_weight: float, lm_weight: float, hidden_weight: float,
+                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Bad distillation settings, refused before any model is loaded."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise MKAError(f"temperature must be > 0, got {temperature!r}")
+    for name, value in (("kd_weight", kd_weight), ("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise MKAError(f"{name} must be >= 0, got {value!r}")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise MKAError(f"kd_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise MKAError(f"unknown lr_schedule {lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise MKAError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise MKAError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+    if teacher is None:
+        return
+    if not isinstance(teacher, str) or not teacher:
+        raise MKAError(f"teacher must be a model source (asset name, HF dir, .gguf file), got {teacher!r}")
+    try:
+        resolve_model_source(teacher)
+    except MKAError as err:
+        raise MKAError(f"teacher: {err}") from None
+    student_vocab, teacher_vocab = load_tokenizer(model).get_vocab(), load_tokenizer(teacher).get_vocab()
+    if student_vocab != teacher_vocab:
+        differ = sum(1 for k, v in teacher_vocab.items() if student_vocab.get(k) != v) + len(set(student_vocab) - set(teacher_vocab))
+        raise MKAError(
+            f"teacher {teacher!r} has a different tokenizer from the student {model!r} ({len(teacher_vocab)} vs {len(student_vocab)} tokens, "
+            f"{differ} differ); distillation needs the same vocabulary: use the model the student was compressed from"
+        )
+
+
+def read_export_plan(source: str) -> list[dict]:
+    """The merge plan stored in an export of this tool (``mka_merge_plan.json``), or [] for any other model."""
+    try:
+        where, extra = resolve_model_source(source)
+    except MKAError:
+        return []
+    path = Path(where) / "mka_merge_plan.json"
+    if extra or not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()).get("steps", []))
+    except (OSError, ValueError):
+        return []
+
+
+def body_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer_outputs: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The final (normed) hidden states of a causal LM, and, when asked, every decoder layer's output."""
+    base, layers = decoder_stack(model)
+    states: list[torch.Tensor] = []
+    handles = []
+    if layer_outputs:
+        def keep(_module, _inputs, output):
+            states.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.last_hidden_state, states
+
+
+def output_head(model):
+    """Final hidden states -> logits, as the model's own forward computes them (incl. Gemma's logit soft-capping)."""
+    head = model.get_output_embeddings()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap

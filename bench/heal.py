@@ -1,0 +1,311 @@
+"""Healing SmolLM2-135M after depth compression: starts x losses, the same training tokens, optimizer and budget.
+
+    python bench/heal.py starts                       # build the compressed starts once (cache dir)
+    python bench/heal.py run --start ours --k 9 --loss kd [--heldaside 16]   # one run; rows merged into the JSON
+    python bench/heal.py render                        # heal.md + heal.png from the stored rows
+
+Every run is one process that fine-tunes one start with ``MKAModule.training_step`` (the product's loss: KD from
+the frozen dense teacher, or the plain LM loss) in a Lightning ``Trainer`` and evaluates it at token checkpoints,
+writing the JSON after each checkpoint (partial results survive an interrupted run).
+
+Data: training sequences are the wiki calibration-source sequences that follow the 16 calibration ones (disjoint
+from calibration, from the held-out wiki articles and Lee, and from the held-aside tail of the calibration source).
+Evaluation: held-out wiki articles and Lee (8 x 512 tokens each, fp32, top-1 agreement with the dense model), or
+with ``--heldaside N`` the last N calibration-source sequences (probes that choose learning rate, temperature,
+trainable set: never the evaluation split).
+
+Starts (k layers removed of 30): ``ours`` NPIB pairs + ``parallel_pruned`` (merged here once); ``paper`` the paper's
+average merge (its plan replayed from ``compare_methods.json``: pairs and alphas as recorded there, alphas rounded to
+0.01); ``shortgpt`` / ``angular`` / ``tail`` drop the layers ``compare_methods.json`` recorded for them (same
+calibration); ``dense`` (k=0) for the "dense fine-tuned on the same tokens" row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import heldaside_ids  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("HEAL_CACHE", "/tmp/lightning-mka-heal"))
+SEQ, BATCH, CAL = 512, 4, 16
+TOKENS_PER_STEP = SEQ * BATCH
+DENSE = "smollm2-135m"
+
+
+def compare_rows() -> list[dict]:
+    return json.loads((RESULTS / "compare_methods.json").read_text())["rows"]
+
+
+def original_to_current(plan_strings: list[str], depth: int = 30) -> list[dict]:
+    """``['15+16@0.75', ...]`` (original indices) -> replayable records with current indices."""
+    origins = [[i] for i in range(depth)]
+    records = []
+    for text in plan_strings:
+        pair, alpha = text.split("@")
+        a, b = (int(x) for x in pair.split("+"))
+        l = next(i for i, o in enumerate(origins) if a in o)
+        m = next(i for i, o in enumerate(origins) if b in o)
+        records.append({"pair": [l, m], "operator": "average", "alpha": float(alpha)})
+        origins[l] = sorted(origins[l] + origins[m])
+        del origins[m]
+    return records
+
+
+def start_dir(start: str, k: int) -> Path:
+    return CACHE / f"{start}-k{k}"
+
+
+def cmd_starts(args) -> None:
+    from lightning_mka.export import export_pretrained
+    from lightning_mka.loading import load_model, load_tokenizer
+    from lightning_mka.merging import LayerMerger, replay_plan
+    from lightning_mka.surgery import drop_layers
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer("smollm2-135m")
+    rows = compare_rows()
+    for k in args.ks:
+        for method in ("shortgpt", "angular", "tail"):
+            out = start_dir(method, k)
+            if out.exists():
+                continue
+            remove = next(r["plan"] for r in rows if r["method"] == method and r["k"] == k)
+            model = load_model("smollm2-135m")
+            drop_layers(model, remove)
+            export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "remove": remove}]}})
+            print(f"{method} k={k}: drop {remove}", flush=True)
+        out = start_dir("paper", k)
+        if not out.exists():
+            plan = original_to_current(next(r["plan"] for r in rows if r["method"] == "mka" and r["k"] == k))
+            model = load_model("smollm2-135m")
+            replay_plan(model, plan)
+            export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": plan}})
+            print(f"paper k={k}: {plan}", flush=True)
+    todo = [k for k in sorted(args.ks) if not start_dir("ours", k).exists()]
+    if todo:
+        from compare_methods import mka_config
+
+        data = data_module(0)
+        model = load_model("smollm2-135m")
+        merger = LayerMerger(model, mka_config("mka-parallel-pruned", CAL), lambda: iter(data.calibration_dataloader()), torch.full((CAL,), SEQ))
+        tick = time.perf_counter()
+        for k in todo:
+            merger.merge_to(30 - k)
+            plan = [s.to_json() for s in merger.plan]
+            export_pretrained(model, tokenizer, start_dir("ours", k), extra_files={"mka_merge_plan.json": {"steps": plan}})
+            print(f"ours k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
+
+
+def data_module(train_steps: int, heldaside: int = 0):
+    from lightning_mka.datamodules import CalibrationDataModule
+
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=CAL, train_samples=train_steps * BATCH,
+                                 seq_len=SEQ, batch_size=BATCH, eval_texts=["wiki", "lee"], eval_samples=8)
+    data.prepare_data()
+    data.setup()
+    if heldaside:
+        data.eval_texts = ["heldaside"]
+        data.eval_ids = {"heldaside": heldaside_ids(data.tokenizer, heldaside, SEQ)}
+        used = torch.cat([data.calibration_ids, data.train_ids])
+        assert not any(torch.equal(a, b) for a in data.eval_ids["heldaside"] for b in used)
+    return data
+
+
+def dense_reference(data, heldaside: int) -> dict:
+    """Top-1 predictions of the dense model on the evaluation sequences (cached), and its metrics."""
+    from lightning_mka.evaluation import Evaluator
+    from lightning_mka.loading import load_model
+
+    path = CACHE / f"dense-reference-{'heldaside%d' % heldaside if heldaside else 'eval'}.pt"
+    if path.exists():
+        return torch.load(path)
+    reference: dict = {}
+    metrics = Evaluator(data.val_names, 1, reference, record_reference=True).run(load_model(DENSE), data.val_dataloader())
+    store = {"reference": reference, "metrics": metrics}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(store, path)
+    return store
+
+
+def load_store(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+
+
+def save_row(path: Path, row: dict) -> None:
+    store = load_store(path)
+    store["rows"] = [r for r in store["rows"] if r["name"] != row["name"]] + [row]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_run(args) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_mka.evaluation import Evaluator
+    from lightning_mka.module import MKAModule
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    steps = max(args.checkpoints)
+    data = data_module(steps, args.heldaside)
+    dense = dense_reference(data, args.heldaside)
+    source = DENSE if args.start == "dense" else str(start_dir(args.start, args.k))
+    kd = args.loss == "kd"
+    options = dict(teacher=DENSE, temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
+    L.seed_everything(0)
+    module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
+                       lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
+    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "")
+    out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
+    row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
+           "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
+           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": TOKENS_PER_STEP,
+           "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
+
+    def evaluate(step: int, seconds: float) -> None:
+        model = module.model
+        was = model.training
+        model.eval()
+        tick = time.perf_counter()
+        metrics = Evaluator(data.val_names, 1, dense["reference"], record_reference=False).run(model, data.val_dataloader())
+        model.train(was)
+        row["checkpoints"].append({"step": step, "tokens": step * TOKENS_PER_STEP, "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - tick, 1), **metrics})
+        row["complete"] = step >= steps
+        save_row(out, row)
+        print(f"{name} step {step} ({step * TOKENS_PER_STEP} tokens, {seconds:.0f} s training): "
+              + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith(("_ppl", "_agree"))), flush=True)
+
+    class Checkpoints(Callback):
+        def __init__(self):
+            self.seconds = 0.0
+            self.tick = 0.0
+
+        def on_train_start(self, trainer, pl_module):
+            if 0 in args.checkpoints:
+                evaluate(0, 0.0)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.tick = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seconds += time.perf_counter() - self.tick
+            if trainer.global_step in args.checkpoints and trainer.global_step > 0:
+                evaluate(trainer.global_step, self.seconds)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[Checkpoints()])
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+LABELS = {"ours": "ours: NPIB + parallel_pruned", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT", "angular": "angular",
+          "tail": "tail", "dense": "dense fine-tuned (control)"}
+
+
+def fmt(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def cmd_render(args) -> None:
+    store = load_store(RESULTS / "heal.json")
+    rows = store["rows"]
+    dense = rows[0]["dense"] if rows else {"wiki_ppl": float("nan"), "lee_ppl": float("nan")}
+    budgets = sorted({c["tokens"] for r in rows for c in r["checkpoints"]})
+    if not rows:
+        dense = {"wiki_ppl": float("nan"), "lee_ppl": float("nan")}
+    lines = ["| k | start | loss | trainable | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| 0 | dense | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
+    order = {"ours": 0, "paper": 1, "shortgpt": 2, "angular": 3, "tail": 4, "dense": 5}
+    for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
+        for c in r["checkpoints"]:
+            lines.append(
+                f"| {r['k']} | {LABELS.get(r['start'], r['start'])} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
+                f"| {r['trainable']} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
+                f"{fmt(c.get('lee_top1_agree'), '{:.3f}')} | {c['wiki_ppl'] / dense['wiki_ppl']:.2f} | {c['lee_ppl'] / dense['lee_ppl']:.2f} | {c['train_seconds']:.0f} |"
+                + ("" if r["complete"] or c is not r["checkpoints"][-1] else " (run incomplete)")
+            )
+    probes = load_store(RESULTS / "heal_probes.json")["rows"]
+    probe_lines = ["| probe | start | loss | trainable | lr | schedule | T | hidden w | tokens | held-aside ppl | held-aside top-1 agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in probes:
+        for c in r["checkpoints"]:
+            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
+                               f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} |")
+    if probes:
+        d = probes[0]["dense"]
+        probe_lines.append(f"| dense (reference) | - | - | - | - | - | - | - | 0 | {d['heldaside_ppl']:.2f} | 1.000 |")
+    held = int(probes[0]["dense"]["heldaside_tokens"] + 1) // SEQ if probes else 0
+    text = (RESULTS / "heal_notes.md").read_text() if (RESULTS / "heal_notes.md").exists() else ""
+    (RESULTS / "heal.md").write_text(
+        "# Healing SmolLM2-135M after depth compression\n\n"
+        "Generated by `bench/heal.py render` from `bench/results/heal.json` (runs) and `heal_probes.json` (probes); commentary in "
+        "`heal_notes.md`.\n\n" + text + "\n## Runs (held-out wiki articles and Lee, 8 x 512 tokens each, fp32 evaluation)\n\n" + "\n".join(lines)
+        + f"\n\nToken checkpoints measured: {', '.join(f'{b:,}' for b in budgets)}.\n\n"
+        f"## Probes (held-aside calibration-source text, the last {held} x 512 sequences; never the evaluation split)\n\n" + "\n".join(probe_lines) + "\n"
+    )
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for axis, key in zip(axes, ("wiki_ppl", "lee_ppl")):
+        for r in rows:
+            points = [(c["tokens"], c[key]) for c in r["checkpoints"]]
+            style = "-" if r["loss"] == "kd" else "--"
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=f"k={r['k']} {r['name']}")
+        axis.axhline(dense[key], color="black", lw=0.8, label="dense")
+        axis.axhline(1.5 * dense[key], color="gray", lw=0.8, ls=":", label="1.5x dense")
+        axis.set_yscale("log")
+        axis.set_xlabel("training tokens")
+        axis.set_ylabel(f"held-out {key[:-4]} perplexity (log)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=1, loc="upper right")
+    figure.suptitle("SmolLM2-135M healing: held-out perplexity vs training tokens (solid: KD, dashed: LM)")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "heal.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    starts = sub.add_parser("starts")
+    starts.add_argument("--ks", nargs="+", type=int, default=[9, 6])
+    run = sub.add_parser("run")
+    run.add_argument("--start", required=True, choices=sorted(LABELS))
+    run.add_argument("--k", type=int, default=9)
+    run.add_argument("--loss", choices=["kd", "lm"], default="kd")
+    run.add_argument("--trainable", default="all")
+    run.add_argument("--tail-layers", type=int, default=3)
+    run.add_argument("--lr", type=float, default=3e-4)
+    run.add_argument("--schedule", default="cosine")
+    run.add_argument("--warmup", type=int, default=3)
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--lm-weight", type=float, default=0.0)
+    run.add_argument("--hidden-weight", type=float, default=0.0)
+    run.add_argument("--precision", default="bf16-mixed")
+    run.add_argument("--checkpoints", nargs="+", type=int, default=[0, 12, 25, 49], help="optimizer steps (x 2048 tokens)")
+    run.add_argument("--heldaside", type=int, default=0, help="probe: evaluate on this many held-aside calibration-source sequences")
+    run.add_argument("--name", default=None)
+    run.add_argument("--threads", type=int, default=0)
+    sub.add_parser("render")
+    args = parser.parse_args()
+    {"starts": cmd_starts, "run": cmd_run, "render": cmd_render}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The measurement queue behind bench/results/heal.md: probes on held-aside text choose lr and the hidden-state term,
+# then the matrix (one process per run, each under the shared bench lock; results are written after every checkpoint).
+set -u
+cd "$(dirname "$0")/.."
+PY="${PY:-/work/main/.venv/bin/python}"
+export PYTHONPATH="$PWD"
+STOP_AT="${STOP_AT:-00:43}"   # UTC; no new run starts after this
+LOG="${LOG:-/tmp/h12logs}"
+mkdir -p "$LOG"
+late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" && "$(date -u +%H)" == "00" ]]; }
+run() {  # run NAME ARGS...
+  local name=$1; shift
+  if late; then echo "skip $name (past $STOP_AT)"; return; fi
+  echo "$(date -u +%T) start $name"
+  flock /work/bench.lock "$PY" bench/heal.py run --name "$name" "$@" > "$LOG/$name.log" 2>&1
+  echo "$(date -u +%T) end $name rc=$?"
+  "$PY" bench/heal.py render >/dev/null 2>&1 || true
+}
+PROBE="--heldaside 8 --start ours --k 9 --loss kd"   # 8 steps = 16,384 tokens each
+run probe-kd-lr3e-4 $PROBE --lr 3e-4 --checkpoints 0 8
+run probe-kd-lr1e-3 $PROBE --lr 1e-3 --checkpoints 8
+LR=$("$PY" - <<'PYEOF'
+import json
+rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
+best = min(("probe-kd-lr3e-4", "probe-kd-lr1e-3"), key=lambda n: rows[n]["checkpoints"][-1]["heldaside_ppl"] if n in rows and rows[n]["complete"] else 1e30)
+print(rows[best]["lr"])
+PYEOF
+)
+echo "chosen lr $LR"
+run probe-kd-hidden1 $PROBE --lr "$LR" --hidden-weight 1.0 --checkpoints 8
+HW=$("$PY" - <<PYEOF
+import json
+rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
+base = "probe-kd-lr3e-4" if float("$LR") == 3e-4 else "probe-kd-lr1e-3"
+h = rows.get("probe-kd-hidden1")
+print(1.0 if h and h["complete"] and h["checkpoints"][-1]["heldaside_ppl"] < rows[base]["checkpoints"][-1]["heldaside_ppl"] else 0.0)
+PYEOF
+)
+echo "chosen hidden weight $HW"
+echo "{\"lr\": $LR, \"hidden_weight\": $HW}" > "$LOG/chosen.json"
+C="--checkpoints 0 12 25 --lr $LR"
+KD="--loss kd --hidden-weight $HW"
+run ours-k9-kd --start ours --k 9 $KD $C
+run ours-k9-lm --start ours --k 9 --loss lm $C
+WIN=$("$PY" - <<'PYEOF'
+import json
+rows = {r["name"]: r for r in json.load(open("bench/results/heal.json"))["rows"]}
+kd, lm = rows.get("ours-k9-kd"), rows.get("ours-k9-lm")
+score = lambda r: r["checkpoints"][-1]["lee_ppl"] if r and r["complete"] else 1e30
+print("kd" if score(kd) <= score(lm) else "lm")
+PYEOF
+)
+echo "loss that wins for ours: $WIN"
+if [[ $WIN == kd ]]; then W="--loss kd --hidden-weight $HW"; else W="--loss lm"; fi
+run shortgpt-k9-$WIN --start shortgpt --k 9 $W $C
+run tail-k9-$WIN-tail --start tail --k 9 $W --trainable tail $C
+run dense-lm --start dense --k 0 --loss lm $C
+run ours-k9-kd-100k --start ours --k 9 $KD --lr $LR --checkpoints 0 12 25 49
+run paper-k9-$WIN --start paper --k 9 $W $C
+run angular-k9-$WIN --start angular --k 9 $W $C
+run ours-k6-$WIN --start ours --k 6 $W $C
+run shortgpt-k6-$WIN --start shortgpt --k 6 $W $C
+run tail-k6-$WIN-tail --start tail --k 6 $W --trainable tail $C
+run angular-k6-$WIN --start angular --k 6 $W $C
+run paper-k6-$WIN --start paper --k 6 $W $C
+echo "$(date -u +%T) queue done"

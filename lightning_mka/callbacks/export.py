@@ -1,0 +1,69 @@
+"""``ExportCallback``: export the model at the end of ``fit`` (e.g. healing an already-compressed export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
+from lightning_mka.surgery import num_layers
+
+
+class ExportCallback(Callback):
+    """``save_pretrained`` the fine-tuned model and its tokenizer when ``fit`` ends (rank 0; a temp dir, then a rename).
+
+    For healing without merging, e.g. a model compressed earlier, distilled from the dense one::
+
+        lightning-mka fit --config configs/smollm2-135m-mka-heal-export.yaml \\
+            --model.model exports/smollm2-135m-mka-21L --model.teacher smollm2-135m
+
+    The export holds ``mka_merge_plan.json`` (the merges in the loaded export, then any made in this run) and
+    ``mka_heal.json`` (validation metrics at the first validation, i.e. before training with
+    ``num_sanity_val_steps: -1``, and at the end). The path is resolved and checked at ``setup``, before any work.
+
+    Args:
+        export_dir: target directory; placeholders ``{model}`` and ``{layers}`` (the depth at setup).
+        overwrite: replace an existing directory.
+    """
+
+    def __init__(self, export_dir: str, overwrite: bool = False) -> None:
+        super().__init__()
+        export_placeholders(export_dir)
+        self.template = export_dir
+        self.overwrite = overwrite
+        self.export_dir: str | None = None if export_placeholders(export_dir) else str(check_export_dir(export_dir, overwrite))
+        self._first: dict[str, float] | None = None
+        self._log_dir: Path | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
+        self.export_dir = resolve_export_path(self.template, source, num_layers(pl_module.model))
+        check_export_dir(self.export_dir, self.overwrite)
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
+        self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._first is None and getattr(pl_module, "last_metrics", None):
+            self._first = dict(pl_module.last_metrics)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(pl_module, "fold_adapters"):
+            pl_module.fold_adapters()
+        if trainer.is_global_zero:
+            assert self.export_dir is not None
+            plan = [*getattr(pl_module, "source_plan", []), *getattr(pl_module, "merge_plan", [])]
+            report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": num_layers(pl_module.model),
+                      "global_step": trainer.global_step, "metrics_first_validation": self._first, "metrics_after": dict(getattr(pl_module, "last_metrics", {}))}
+            path = export_pretrained(pl_module.model, getattr(trainer.datamodule, "tokenizer", None), self.export_dir, overwrite=self.overwrite,
+                                     extra_files={"mka_merge_plan.json": {"steps": plan}, "mka_heal.json": report})
+            if self._log_dir is not None:
+                write_json_atomic(self._log_dir / "heal_results.json", {**report, "export_dir": str(path.resolve())})
+            rank_zero_info(f"[mka] exported the healed model to {path}")
+        trainer.strategy.barrier("mka_export")

@@ -1,0 +1,115 @@
+"""Knowledge-distillation math: chunked logit KL, plan-aligned hidden-state MSE, warmup + cosine schedule.
+
+Pure torch, no Lightning. The logit loss never materializes the (tokens x vocabulary) logits of a whole batch: the
+final hidden states go through the output head a chunk of tokens at a time, and each student chunk is recomputed in
+the backward pass (activation checkpointing), so memory is bounded by one chunk's logits whatever the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lightning_mka.finetuning import current_origins
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # (N, H) final hidden states -> (N, V) logits
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over rows of KL(softmax(t / T) || softmax(s / T)), in float32."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: Head,
+    teacher_head: Head,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_tokens: int | None = 1024,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``T^2 * mean over tokens of KL(teacher || student)`` at temperature ``T``, and the mean token cross-entropy
+    against ``targets`` (None when no targets are given), from the same chunks of logits.
+
+    ``student_hidden`` / ``teacher_hidden``: ``(B, S, H)`` final (normed) hidden states at the scored positions; the
+    heads map them to logits. ``mask``: ``(B, S)`` positions to score (all when None). ``targets``: ``(B, S)`` the
+    next tokens. ``chunk_tokens``: tokens per chunk (None: all at once). The ``T^2`` factor keeps gradient magnitudes
+    comparable across temperatures (Hinton et al.).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    tg = None if targets is None else targets.reshape(-1)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        hs, ht = hs[keep], ht[keep]
+        tg = None if tg is None else tg[keep]
+    count = hs.shape[0]
+    if count == 0:
+        zero = student_hidden.sum() * 0.0
+        return zero, (zero if targets is not None else None)
+    step = count if not chunk_tokens else int(chunk_tokens)
+
+    def chunk_loss(h_student: torch.Tensor, t_logits: torch.Tensor, chunk_targets: torch.Tensor | None) -> torch.Tensor:
+        logits = student_head(h_student)
+        kl = kl_sum(logits, t_logits, temperature)
+        if chunk_targets is None:
+            return kl.reshape(1)
+        ce = F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
+        return torch.stack([kl, ce])
+
+    total = hs.new_zeros(1 if tg is None else 2, dtype=torch.float32)
+    for start in range(0, count, step):
+        with torch.no_grad():
+            t_logits = teacher_head(ht[start : start + step])
+        piece = hs[start : start + step]
+        piece_targets = None if tg is None else tg[start : start + step]
+        if step < count and torch.is_grad_enabled() and piece.requires_grad:
+            # recompute this chunk's logits in backward: memory stays one chunk's logits
+            total = total + checkpoint(chunk_loss, piece, t_logits, piece_targets, use_reentrant=False)
+        else:
+            total = total + chunk_loss(piece, t_logits, piece_targets)
+    kd = total[0] * (temperature**2) / count
+    return kd, (None if tg is None else total[1] / count)
+
+
+def aligned_teacher_layers(student_depth: int, plan: list[dict]) -> list[int]:
+    """For every current (student) layer, the original (teacher) layer whose output it should reproduce: the last
+    original layer of its group (a merged pair ``l+m`` ends at ``m``; a kept layer is itself)."""
+    depth_before = student_depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
+    origins = current_origins(depth_before, plan)
+    if len(origins) != student_depth:
+        raise ValueError(f"the plan leaves {len(origins)} layers but the student has {student_depth}")
+    return [max(o) for o in origins]
+
+
+def hidden_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over aligned layer pairs of ``||s - t||^2 / ||t||^2`` (over the scored tokens): scale-free, so layers with
+    large activations do not dominate."""
+    terms = []
+    for s, t in zip(student_states, teacher_states):
+        s, t = s.float(), t.float()
+        if mask is not None:
+            keep = mask.bool()
+            s, t = s[keep], t[keep]
+        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup from ``1/(warmup+1)`` to 1, then cosine decay to ``min_ratio`` at
+    ``total_steps`` (held there after)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
