@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import compute_device, executor_of
 from lightning_mka.surgery import per_layer_config_keys
 
 POINT_MODES = ("tokens", "last", "mean")
@@ -86,7 +87,8 @@ def suffix_only(base_model: nn.Module, start: int, cached_input):
     per_layer = {key: getattr(config, key) for key in per_layer_config_keys(config, len(layers))}
 
     def inject(_module, args, kwargs):
-        cached = cached_input()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cached = cached_input().to(hidden.device)  # cached inputs may live on CPU (layer-wise execution)
         return ((cached, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": cached})
 
     handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)  # before any other hook
@@ -106,6 +108,16 @@ class _StopForward(Exception):
     pass
 
 
+def call_body(base_model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, cached: torch.Tensor | None = None):
+    """Run the transformer body on one batch. With ``cached`` (the first layer's input, inside ``suffix_only``) the
+    embeddings are not looked up: it is passed as ``inputs_embeds``, from which the model builds the masks and
+    position embeddings exactly as for ``input_ids``, and the inject hook hands the same tensor to the first layer."""
+    mask = batch["attention_mask"].to(device)
+    if cached is None:
+        return base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+    return base_model(inputs_embeds=cached.to(device), attention_mask=mask, use_cache=False)
+
+
 @torch.no_grad()
 def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[str, torch.Tensor]], cached_inputs=None, on_batch=None) -> None:
     """Run calibration batches through the decoder layers up to and including ``index``, and no further.
@@ -119,8 +131,9 @@ def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[
 
     start = index if cached_inputs is not None else 0
     state = {"batch": 0}
+    executor_of(base_model).sync()
     handle = base_model.layers[index].register_forward_hook(stop)
-    device = next(base_model.parameters()).device
+    device = compute_device(base_model)
     try:
         with suffix_only(base_model, start, lambda: cached_inputs[state["batch"]]):
             for b, batch in enumerate(batches):
@@ -128,7 +141,7 @@ def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[
                 if on_batch is not None:
                     on_batch(batch)
                 try:
-                    base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                    call_body(base_model, batch, device, cached_inputs[b] if start > 0 else None)
                 except _StopForward:
                     pass
     finally:
@@ -217,10 +230,13 @@ class LayerPointCollector:
 
             return hook
 
+        executor = executor_of(self.base_model)
+        executor.sync()
+
         def make_pre_hook(i: int):
             def pre_hook(_module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                new_inputs[i].append(hidden.detach().clone())
+                new_inputs[i].append(executor.cache(hidden))  # a copy; on CPU under layer-wise execution
 
             return pre_hook
 
@@ -235,15 +251,11 @@ class LayerPointCollector:
         if stop < num_layers:
             handles.append(self.layers[stop - 1].register_forward_hook(stop_hook))  # after the point hook
         with suffix_only(self.base_model, start, lambda: self.inputs[start][state["batch"]]), _hooks(handles):
-            device = next(self.base_model.parameters()).device
+            device = compute_device(self.base_model)
             for b, batch in enumerate(batches):
                 state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
                 try:
-                    self.base_model(
-                        input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False,
-                    )
+                    call_body(self.base_model, batch, device, self.inputs[start][b] if start > 0 else None)
                 except _StopForward:
                     pass
         for i in range(start, stop):

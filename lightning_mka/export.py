@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import executor_of
 
 # Placeholders an export path may hold, resolved once the model and the final depth are known (before any work).
 EXPORT_PLACEHOLDERS = ("model", "layers")
@@ -91,7 +92,7 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tmp.chmod(0o755)
     try:
-        model.save_pretrained(tmp)
+        executor_of(model).save_pretrained(tmp)  # layer-wise with disk offload: streamed tensor by tensor
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():

@@ -6,11 +6,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
-from lightning_mka.loading import load_model, parse_dtype
+from lightning_mka.errors import MKAError
+from lightning_mka.execution import check_execution, executor_of
+from lightning_mka.loading import load_model_executed, parse_dtype
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
 from lightning_mka.surgery import decoder_stack
@@ -34,6 +37,11 @@ class MKAModule(L.LightningModule):
             of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
             ``peft``, folded into the weights before every merge and at the end of ``fit``).
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (``trainable: lora``).
+        execution: ``whole`` (default: the model on the device) | ``layerwise`` (one decoder layer at a time on the
+            device, for models bigger than it: compression and evaluation, not ``fit``); see ``lightning_mka.execution``.
+        offload: where weights rest under ``layerwise``: ``cpu`` (default) | ``disk`` (read from the model's
+            safetensors as each layer runs; merged layers are written to ``offload_dir``). ``none`` with ``whole``.
+        offload_dir: scratch directory for merged layers under ``offload: disk`` (default: a temporary directory).
     """
 
     def __init__(
@@ -48,12 +56,16 @@ class MKAModule(L.LightningModule):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_targets: list[str] | None = None,
+        execution: str = "whole",
+        offload: str | None = None,
+        offload_dir: str | None = None,
     ) -> None:
         super().__init__()
         parse_dtype(dtype)
+        check_execution(execution, offload)
         check_trainable(trainable, lora_rank)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = load_model(model, dtype)
+        self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -66,6 +78,20 @@ class MKAModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        executor = executor_of(self.model) if "model" in self._modules else None
+        if executor is not None and executor.layerwise:
+            # Layer-wise: the weights stay where the executor keeps them (CPU / disk); Lightning moving the module
+            # to the accelerator only sets the compute device the executor onloads each layer to.
+            executor.device = self.device
+            return self
+        return super()._apply(fn, recurse)
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
+            raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
 
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
