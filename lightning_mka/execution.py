@@ -95,6 +95,9 @@ class SafetensorsIndex:
             raise MKAError(f"offload: disk reads weights from the model's safetensors, and {str(directory)!r} has none; re-save the model with save_pretrained (safetensors) or use offload: cpu")
         return cls(files)
 
+    def __deepcopy__(self, memo) -> SafetensorsIndex:
+        return self  # file handles are shared, never duplicated (a copy would close them when collected)
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
@@ -216,6 +219,9 @@ class WholeExecutor:
 class _Unit:
     """One onloadable module: its own parameters (by owner module and name) and where they rest."""
 
+    def __deepcopy__(self, memo) -> None:
+        return None  # a deep copy of a layer (surgery builds merged layers that way) is a new module, adopted anew
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.disk: dict[tuple[nn.Module, str], tuple[SafetensorsIndex, str, nn.Parameter]] | None = None  # -> (index, key, meta param)
@@ -224,6 +230,19 @@ class _Unit:
 
     def params(self) -> list[tuple[nn.Module, str]]:
         return [(owner, name) for owner in self.module.modules() for name, p in owner._parameters.items() if p is not None]
+
+
+class _Hook:
+    """Onload / offload hook of one unit (a class, so the executor can recognise its hooks on a deep copy)."""
+
+    def __init__(self, action, unit: _Unit) -> None:
+        self.action, self.unit = action, unit
+
+    def __call__(self, _module, *_rest) -> None:
+        self.action(self.unit)
+
+    def __deepcopy__(self, memo) -> _Hook:
+        return self
 
 
 class LayerwiseExecutor(WholeExecutor):
@@ -256,9 +275,8 @@ class LayerwiseExecutor(WholeExecutor):
         self._onloaded = 0
         model._mka_executor = self
         getattr(model, "model", model)._mka_executor = self
-        for module in self._top_units():
+        for module in [*self._top_units(), *self._decoder()[1]]:
             self._adopt(module, from_disk=offload == "disk")
-        self.sync()
 
     # ---- which modules are units --------------------------------------------------------------------------------
 
@@ -299,8 +317,11 @@ class LayerwiseExecutor(WholeExecutor):
                     raise MKAError(f"offload: disk found no tensor {name!r} in the model's safetensors; re-save the model with save_pretrained or use offload: cpu")
                 unit.disk[(owner, pname)] = (self.index, key, param)
         module.__dict__["_mka_unit"] = unit  # a plain attribute: the unit follows the module, not its position
-        module.register_forward_pre_hook(lambda _m, _args: self._onload(unit))
-        module.register_forward_hook(lambda _m, _args, _out: self._offload(unit))
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):  # a deep copy carries its original's hooks
+            for key in [k for k, h in hooks.items() if isinstance(h, _Hook)]:
+                del hooks[key]
+        module.register_forward_pre_hook(_Hook(self._onload, unit))
+        module.register_forward_hook(_Hook(self._offload, unit))
 
     def _ties(self) -> dict[str, str]:
         """Tied parameter names -> the name saved in the checkpoint (e.g. ``lm_head.weight`` -> the embeddings)."""
@@ -452,6 +473,9 @@ class LayerwiseExecutor(WholeExecutor):
     def cache(self, tensor: torch.Tensor) -> torch.Tensor:
         """Cached layer inputs live on CPU, one chunk per calibration batch."""
         return tensor.detach().to("cpu", copy=True)
+
+    def __deepcopy__(self, memo) -> LayerwiseExecutor:
+        return self
 
     def __del__(self) -> None:  # noqa: D105
         if self._scratch is not None:
