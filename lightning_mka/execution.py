@@ -349,14 +349,14 @@ class LayerwiseExecutor(WholeExecutor):
     def _onload(self, unit: _Unit) -> None:
         if unit.saved is not None:  # already onloaded (a re-entrant call)
             return
-        on_device = unit.disk is None and all(owner._parameters[n].device == self._device for owner, n in unit.params())
-        if on_device:
+        from_disk = unit.disk is not None and unit.pins == 0  # materialized (pinned): its real weights may be changed
+        if not from_disk and all(owner._parameters[n].device == self._device for owner, n in unit.params()):
             return
         unit.saved = {}
         for owner, pname in unit.params():
             rest = owner._parameters[pname]
             unit.saved[(owner, pname)] = rest
-            if unit.disk is not None:
+            if from_disk:
                 index, key, meta = unit.disk[(owner, pname)]
                 value = index.read(key).to(device=self._device, dtype=meta.dtype)
             else:

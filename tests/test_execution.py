@@ -33,8 +33,12 @@ def model_dir(tmp_path, kind, layers=6):
 def run(model_path, corpus, heldout, out, execution="whole", offload=None, **merge_kwargs):
     L.seed_everything(0)
     module = MKAModule(model=str(model_path), execution=execution, offload=offload, offload_dir=str(out / "scratch"))
+    tokenizer = out.parent / "tokenizer"
+    if not tokenizer.exists():
+        tiny_model("llama", layers=1).save_pretrained(tokenizer)  # the word-level tokenizer whatever the architecture
+        tiny_tokenizer().save_pretrained(tokenizer)
     data = CalibrationDataModule(
-        tokenizer=str(model_path), calibration=str(corpus), calibration_samples=8, seq_len=32, batch_size=4,
+        tokenizer=str(tokenizer), calibration=str(corpus), calibration_samples=8, seq_len=32, batch_size=4,
         eval_texts=[str(heldout)], eval_samples=4,
     )
     kwargs = dict(target_layers=4, num_points=128, seed=0)
@@ -53,7 +57,7 @@ CASES = [
     ("llama", "disk", {}),
     ("llama", "cpu", {}),
     ("llama", "disk", dict(merge_operator="parallel_pruned", selection="verify", verify_top=2)),
-    ("qwen2", "disk", dict(merge_operator="parallel_pruned", alpha="search")),
+    ("qwen2", "disk", dict(alpha="search", selection="verify", verify_top=2)),
     ("gemma3", "disk", {}),
     ("gemma3", "disk", dict(merge_operator="parallel_pruned", selection="damage", verify_top=2)),
     ("qwen3", "disk", dict(method="replaceme")),
