@@ -113,9 +113,12 @@ def call_body(base_model: nn.Module, batch: dict[str, torch.Tensor], device: tor
     embeddings are not looked up: it is passed as ``inputs_embeds``, from which the model builds the masks and
     position embeddings exactly as for ``input_ids``, and the inject hook hands the same tensor to the first layer."""
     mask = batch["attention_mask"].to(device)
-    if cached is None:
-        return base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
-    return base_model(inputs_embeds=cached.to(device), attention_mask=mask, use_cache=False)
+    try:
+        if cached is None:
+            return base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+        return base_model(inputs_embeds=cached.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        executor_of(base_model).settle()  # a pass stopped inside a layer leaves nothing onloaded
 
 
 @torch.no_grad()
@@ -213,6 +216,11 @@ class LayerPointCollector:
         if start == 0:
             self.points = [torch.empty(0)] * num_layers
             self.inputs = [[] for _ in range(num_layers)] if self.cache_inputs else []
+        executor = executor_of(self.base_model)
+        executor.sync()
+        if executor.layerwise:
+            self._run_layer_major(batches, start, stop, executor)
+            return
         new_points: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
         new_inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
         ids_all: list[torch.Tensor] = []
@@ -229,9 +237,6 @@ class LayerPointCollector:
                     ids_all.append(ids)
 
             return hook
-
-        executor = executor_of(self.base_model)
-        executor.sync()
 
         def make_pre_hook(i: int):
             def pre_hook(_module, args, kwargs):
@@ -262,6 +267,52 @@ class LayerPointCollector:
             self.points[i] = torch.cat(new_points[i]) if new_points[i] else torch.empty(0)
             if self.cache_inputs:
                 self.inputs[i] = new_inputs[i]
+        if start == 0:
+            self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
+
+    def _run_layer_major(self, batches: Iterable[dict[str, torch.Tensor]], start: int, stop: int, executor) -> None:
+        """``run`` under layer-wise execution: each layer runs over every batch before the next one starts, so it is
+        onloaded once per pass (llm-compressor's sequential onloading). Layer ``i``'s outputs, kept on CPU, are layer
+        ``i + 1``'s inputs; the model's own forward runs each layer (``suffix_only`` + ``inputs_embeds``), so masks and
+        position embeddings are the ones a full pass computes, and the result is the batch-by-batch pass's, bit for bit."""
+        batches = list(batches)  # ids and masks only: every layer walks them
+        device = executor.device
+        current: list[torch.Tensor | None] = [self.inputs[start][b] if start > 0 else None for b in range(len(batches))]
+        ids_all: list[torch.Tensor] = []
+        state: dict = {}
+
+        def capture(_module, args, kwargs):
+            state["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def finish(_module, _args, output):
+            state["output"] = hidden_of(output)
+            raise _StopForward
+
+        for i in range(start, stop):
+            points: list[torch.Tensor] = []
+            inputs: list[torch.Tensor] = []
+            layer = self.layers[i]
+            handles = [layer.register_forward_pre_hook(capture, with_kwargs=True), layer.register_forward_hook(finish)]
+            with executor.held(layer), suffix_only(self.base_model, i, lambda: current[state["batch"]]), _hooks(handles):
+                for b, batch in enumerate(batches):
+                    state["batch"] = b
+                    try:
+                        call_body(self.base_model, batch, device, current[b])
+                    except _StopForward:
+                        pass
+                    hidden = state.pop("output")
+                    if not torch.isfinite(hidden).all():
+                        raise MKAError(f"decoder layer {i} produced NaN/Inf activations; use float32 (model.dtype) or check the weights")
+                    pts, ids = self._select(hidden, batch["index"], batch["attention_mask"])
+                    points.append(pts.float().cpu())
+                    if i == start:
+                        ids_all.append(ids)
+                    inputs.append(current[b] if current[b] is not None else executor.cache(state["input"]))
+                    current[b] = executor.cache(hidden)
+                    state.pop("input")
+            self.points[i] = torch.cat(points) if points else torch.empty(0)
+            if self.cache_inputs:
+                self.inputs[i] = inputs
         if start == 0:
             self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
 

@@ -199,6 +199,13 @@ class WholeExecutor:
     def sync(self) -> None:
         pass
 
+    def settle(self) -> None:
+        pass
+
+    @contextmanager
+    def held(self, module: nn.Module) -> Iterator[None]:
+        yield
+
     def cache(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().clone()
 
@@ -227,6 +234,7 @@ class _Unit:
         self.disk: dict[tuple[nn.Module, str], tuple[SafetensorsIndex, str, nn.Parameter]] | None = None  # -> (index, key, meta param)
         self.saved: dict[tuple[nn.Module, str], nn.Parameter] | None = None  # at-rest params while onloaded
         self.pins = 0
+        self.hold = False  # stays onloaded across forwards (layer-major passes)
 
     def params(self) -> list[tuple[nn.Module, str]]:
         return [(owner, name) for owner in self.module.modules() for name, p in owner._parameters.items() if p is not None]
@@ -272,7 +280,7 @@ class LayerwiseExecutor(WholeExecutor):
         self._spilled = 0
         self.onloads = 0  # how many unit onloads happened (tests / benchmarks)
         self.peak_onloaded = 0  # most units on the compute device at once
-        self._onloaded = 0
+        self._active: list[_Unit] = []
         model._mka_executor = self
         getattr(model, "model", model)._mka_executor = self
         for module in [*self._top_units(), *self._decoder()[1]]:
@@ -363,16 +371,35 @@ class LayerwiseExecutor(WholeExecutor):
                 value = rest.detach().to(self._device)
             owner._parameters[pname] = nn.Parameter(value, requires_grad=False)
         self.onloads += 1
-        self._onloaded += 1
-        self.peak_onloaded = max(self.peak_onloaded, self._onloaded)
+        self._active.append(unit)
+        self.peak_onloaded = max(self.peak_onloaded, len(self._active))
 
     def _offload(self, unit: _Unit) -> None:
-        if unit.saved is None:
+        if unit.saved is None or unit.hold:
             return
         for (owner, pname), rest in unit.saved.items():
             owner._parameters[pname] = rest
         unit.saved = None
-        self._onloaded -= 1
+        self._active.remove(unit)
+
+    def settle(self) -> None:
+        """Offload every unit still onloaded (a forward stopped by an exception inside a layer skips its hook)."""
+        for unit in list(self._active):
+            self._offload(unit)
+
+    @contextmanager
+    def held(self, module: nn.Module) -> Iterator[None]:
+        """Keep ``module`` onloaded for the whole block (one onload for many forwards: layer-major passes)."""
+        self.sync()
+        unit = _unit_of(module)
+        assert unit is not None
+        self._onload(unit)
+        unit.hold = True
+        try:
+            yield
+        finally:
+            unit.hold = False
+            self._offload(unit)
 
     # ---- surgery ------------------------------------------------------------------------------------------------
 

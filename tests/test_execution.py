@@ -194,3 +194,28 @@ def test_disk_offload_of_a_gguf_file_is_refused(tmp_path):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(MKAError, match="is a .gguf file; convert it once"):
         load_model_executed(str(gguf), execution="layerwise", offload="disk")
+
+
+def test_calibration_pass_is_layer_major(tmp_path):
+    """Under layer-wise execution each decoder layer is onloaded once per pass (not once per batch), and the points
+    and cached inputs are the batch-by-batch whole-model pass's, bit for bit."""
+    from lightning_mka.activations import LayerPointCollector, sample_token_positions
+
+    model = _disk_model(tmp_path, layers=6)
+    reference = tiny_model("llama", layers=6)
+    batches = [{"input_ids": torch.randint(4, 120, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long), "index": torch.arange(2) + 2 * b} for b in range(3)]
+    positions = sample_token_positions(torch.full((6,), 20), 40, 0)
+    collectors = [LayerPointCollector(decoder_stack(m)[0], PointSpec(num_points=40), positions, cache_inputs=True) for m in (model, reference)]
+    executor = executor_of(model)
+    for collector in collectors:
+        collector.run(batches)
+    assert executor.onloads == 6 + 3  # six layers once each; the embeddings once per batch (layer 0's input)
+    assert torch.equal(collectors[0].matrix(), collectors[1].matrix())
+    for a, b in zip(collectors[0].inputs, collectors[1].inputs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    before = executor.onloads
+    for collector in collectors:
+        collector.run(batches, start=3)  # suffix rescoring from cached inputs: no embeddings
+    assert executor.onloads - before == 3
+    assert torch.equal(collectors[0].matrix(), collectors[1].matrix())
+    assert executor.materialized_bytes() == 0
