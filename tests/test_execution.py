@@ -219,3 +219,16 @@ def test_calibration_pass_is_layer_major(tmp_path):
     assert executor.onloads - before == 3
     assert torch.equal(collectors[0].matrix(), collectors[1].matrix())
     assert executor.materialized_bytes() == 0
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+def test_disk_offload_in_bfloat16_matches_the_whole_model(tmp_path, kind):
+    from lightning_mka.loading import load_model
+
+    path = model_dir(tmp_path, kind)
+    lazy = load_model_executed(str(path), "bfloat16", execution="layerwise", offload="disk")
+    whole = load_model(str(path), "bfloat16")
+    ids = torch.randint(4, 120, (2, 24))
+    with torch.no_grad():
+        a, b = lazy(input_ids=ids).logits, whole(input_ids=ids).logits
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
