@@ -232,3 +232,33 @@ def test_disk_offload_in_bfloat16_matches_the_whole_model(tmp_path, kind):
     with torch.no_grad():
         a, b = lazy(input_ids=ids).logits, whole(input_ids=ids).logits
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_smollm2_layerwise_disk_equals_whole(tmp_path, smollm2_dir):
+    """The real SmolLM2 (tied embeddings, 30 layers), 30 -> 28 layers with parallel_pruned: same plan, same
+    perplexity, bit-identical export; MMLU choice scoring (KV cache) gives the same log-probabilities."""
+    outs = {}
+    for name, execution, offload in (("whole", "whole", None), ("lw", "layerwise", "disk")):
+        out = tmp_path / name
+        L.seed_everything(0)
+        module = MKAModule(model="smollm2-135m", execution=execution, offload=offload)
+        data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=128, batch_size=4,
+                                     eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
+        callback = MergeCallback(target_layers=28, num_points=256, merge_operator="parallel_pruned", export_dir=str(out / "export"))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(module, datamodule=data)
+        log = out / "logs" / "version_0"
+        outs[name] = (json.loads((log / "merge_plan.json").read_text())["steps"], json.loads((log / "results.json").read_text()))
+    assert outs["lw"][0] == outs["whole"][0]
+    assert outs["lw"][1]["metrics_after"] == outs["whole"][1]["metrics_after"]
+    a, b = load_file(tmp_path / "whole" / "export" / "model.safetensors"), load_file(tmp_path / "lw" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reference = [5, 6, 7, 8]
+    model = load_model_executed("smollm2-135m", execution="layerwise", offload="disk")
+    from lightning_mka.loading import load_model
+
+    whole = load_model("smollm2-135m")
+    choices = [[9], [10, 11]]
+    assert torch.equal(continuation_logprobs(model, reference, choices), continuation_logprobs(whole, reference, choices))
