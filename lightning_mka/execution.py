@@ -195,6 +195,18 @@ def fixed_mmap_threshold(threshold: int = 128 * 1024) -> bool:
         return False
 
 
+def _libc_trim():
+    """``malloc_trim(0)`` (glibc: give free heap pages back to the OS), or a no-op."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 # ---- executors -----------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +311,7 @@ class LayerwiseExecutor(WholeExecutor):
         model._mka_executor = self
         getattr(model, "model", model)._mka_executor = self
         fixed_mmap_threshold()  # freed layers go back to the OS: memory stays flat as layers come and go
+        self._trim = _libc_trim() if offload == "disk" else (lambda: None)
         for module in [*self._top_units(), *self._decoder()[1]]:
             self._adopt(module, from_disk=offload == "disk")
 
@@ -397,6 +410,7 @@ class LayerwiseExecutor(WholeExecutor):
             owner._parameters[pname] = rest
         unit.saved = None
         self._active.remove(unit)
+        self._trim()
 
     def settle(self) -> None:
         """Offload every unit still onloaded (a forward stopped by an exception inside a layer skips its hook)."""
