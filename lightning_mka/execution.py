@@ -145,6 +145,7 @@ def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, torch.dt
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"{name}: expected {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
             f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor  # before the next one is read: one tensor in memory at a time
 
 
 # ---- a model whose parameters are never allocated ------------------------------------------------------------------
