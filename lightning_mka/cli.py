@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
 from lightning_mka.errors import find_mka_error
+from lightning_mka.fsdp import FSDP_STRATEGY_NAMES, fsdp_strategy
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import is_terminal
 
@@ -58,11 +59,22 @@ class MKACLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, ProgressLines()]
-        return super().instantiate_trainer(**kwargs)
+        strategy = config.get("strategy")
+        if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES and "strategy" not in kwargs and isinstance(self.model, MKAModule):
+            # `--trainer.strategy fsdp`: each decoder layer its own FSDP unit, on GPUs or (for tests) CPUs.
+            kwargs["strategy"] = fsdp_strategy(self.model.model, cpu_offload=strategy == "fsdp_cpu_offload")
+        trainer = super().instantiate_trainer(**kwargs)
+        # Refused here, in the launching process, before any rank starts: one line, nothing written.
+        if isinstance(self.model, MKAModule):
+            self.model.refuse_under_sharding(trainer.strategy)
+        for callback in trainer.callbacks:
+            if callable(getattr(callback, "refuse_under_sharding", None)):
+                callback.refuse_under_sharding(trainer.strategy, self.model)
+        return trainer
 
 
 TRAINER_DEFAULTS = {
-    "accelerator": "cpu",
+    "accelerator": "auto",  # a GPU where one is present, the CPU otherwise
     "devices": 1,
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "mka"}},
     "enable_model_summary": False,  # a parameter table of the dense model; the comparison table reports the sizes

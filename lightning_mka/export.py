@@ -81,8 +81,11 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
         raise
 
 
-def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite: bool = False, extra_files: dict | None = None) -> Path:
+def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite: bool = False, extra_files: dict | None = None,
+                      state_dict: dict | None = None) -> Path:
     """``save_pretrained`` the model and tokenizer into ``export_dir`` atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (e.g. gathered from FSDP shards: ``lightning_mka.fsdp``).
 
     Everything is written into a sibling temp dir first; a failure (disk full, interrupt) leaves any previous
     export untouched and removes the temp dir.
@@ -92,7 +95,10 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tmp.chmod(0o755)
     try:
-        executor_of(model).save_pretrained(tmp)  # layer-wise with disk offload: streamed tensor by tensor
+        if state_dict is None:
+            executor_of(model).save_pretrained(tmp)  # layer-wise with disk offload: streamed tensor by tensor
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():

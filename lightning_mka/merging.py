@@ -6,6 +6,7 @@ No Lightning here: ``MergeCallback`` drives a ``LayerMerger`` and passes it a ``
 from __future__ import annotations
 
 import time
+from functools import partial
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -21,13 +22,18 @@ from lightning_mka.similarity import SimilarityConfig, layer_feature, similarity
 from lightning_mka.parallel import (
     GramAccumulator,
     check_parallel_supported,
+    contribution_importance,
+    kept_mlp_statistics,
     layer_width,
+    masked_rows,
     mlp_input_norm,
     post_mlp_norm,
     prune_attention,
     prune_mlp,
     refit_residual,
     set_norm_scale,
+    solve_refit,
+    top_units,
 )
 from lightning_mka.surgery import apply_merge, check_merge_operator, decoder_stack, drop_layers, install_merged_layer, merged_temporarily
 
@@ -389,76 +395,92 @@ class LayerMerger:
         post_norm = post_mlp_norm(layer)
         target_cache = self._cached_pair_output(l) if cached is not None and m == l + 1 else None
 
-        def statistics(module, with_target: bool) -> tuple[torch.Tensor, dict]:
-            """Gram matrix of ``module``'s inputs; with ``with_target`` also X^T (y_original - h_after_attention) and
-            the sums the damage and a post-MLP norm need. Without it, the pass stops right after ``module``."""
+        def run_layer(hooks: list) -> None:
+            handles = [register(hook) for register, hook in hooks]
+            state.pop("batch", None)
+            try:
+                run_through_layer(base, l, self.batches(), cached, on_batch=lambda batch: state.update(mask=batch["attention_mask"], batch=state.get("batch", -1) + 1))
+            finally:
+                for h in handles:
+                    h.remove()
+
+        if layer_width(layer).kv_heads > config.num_key_value_heads:
             acc = GramAccumulator()
-            sums: dict[str, torch.Tensor] = {}
-            handles = []
 
-            def add(name: str, value: torch.Tensor) -> None:
-                sums[name] = value if name not in sums else sums[name] + value
+            def attention_inputs(_m, args):
+                acc.add(args[0], state["mask"])
+                raise _StopForward  # the attention statistics need nothing after o_proj
 
-            def capture(_m, args):
-                x = args[0]
-                acc.add(x, state["mask"])
-                if not with_target:
-                    raise _StopForward  # the attention statistics need nothing after o_proj
-                keep = state["mask"].reshape(-1).bool()
-                xf = x.reshape(-1, x.shape[-1])[keep].double()
-                flat = lambda t: t.reshape(-1, t.shape[-1])[keep].double()  # noqa: E731
+            run_layer([(layer.self_attn.o_proj.register_forward_pre_hook, attention_inputs)])
+            # Summed over ranks: every rank prunes the same way.
+            groups = prune_attention(layer, config.num_key_value_heads, self.reduce(acc.gram), cfg.prune_refit, cfg.refit_ridge)
+        else:  # first-attention merge (Qwen3, Gemma3): the attention is already one layer's
+            groups = list(range(layer_width(layer).kv_heads))
+
+        # The MLP sees the pruned attention's output: measure it after the attention is final. One pass stores
+        # down_proj's inputs (tokens x 2 intermediate, in the model's dtype) and the refit targets and sums the Gram
+        # diagonal the neuron scores need; the kept neurons' statistics then come from the stored inputs, never the
+        # (2 x intermediate)^2 Gram matrix.
+        original_target = cfg.prune_refit and cfg.refit_target == "original"
+        down_inputs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            sums[name] = value if name not in sums else sums[name] + value
+
+        def store_down_inputs(_m, args):
+            x = masked_rows(args[0], state["mask"])
+            down_inputs.append(x)
+            add("diagonal", x.float().pow(2).sum(0))
+            if original_target:
+                flat = lambda t: masked_rows(t, state["mask"]).double()  # noqa: E731
                 target = flat(state["target"] - state["h1"])  # what the MLP must add for the originals' output
-                add("cross", xf.T @ target)
+                targets.append(target.float())
                 add("target_sq", target.pow(2).sum())
                 add("update_sq", flat(state["target"] - state["h"]).pow(2).sum())
                 if post_norm is not None:  # the norm's output should follow the target's direction
                     unit = target / target.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
                     add("unit_cross", (unit * target).sum(0))
                     add("unit_sq", unit.pow(2).sum(0))
+            raise _StopForward
 
-            handles.append(module.register_forward_pre_hook(capture))
-            if with_target:
-                def run_originals(_m, args, kwargs):
-                    h = args[0] if args else kwargs["hidden_states"]
-                    state["h"] = h
-                    if target_cache is not None:
-                        state["target"] = target_cache[state["batch"]].to(h.device)
-                        return
-                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    out = hidden_of(originals[0](h, *args[1:], **rest))
-                    state["target"] = hidden_of(originals[1](out, *args[1:], **rest))
+        def run_originals(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            state["h"] = h
+            if target_cache is not None:
+                state["target"] = target_cache[state["batch"]].to(h.device)
+                return
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            out = hidden_of(originals[0](h, *args[1:], **rest))
+            state["target"] = hidden_of(originals[1](out, *args[1:], **rest))
 
-                handles.append(layer.register_forward_pre_hook(run_originals, with_kwargs=True))
-                handles.append(mlp_input_norm(layer).register_forward_pre_hook(lambda _m, args: state.update(h1=args[0])))
-
-            def on_batch(batch):
-                state.update(mask=batch["attention_mask"], batch=state.get("batch", -1) + 1)
-
-            state.pop("batch", None)
-            try:
-                run_through_layer(base, l, self.batches(), cached, on_batch=on_batch)
-            finally:
-                for h in handles:
-                    h.remove()
-            assert acc.gram is not None
-            # Summed over ranks: every rank prunes the same way.
-            return self.reduce(acc.gram), {k: self.reduce(v) for k, v in sums.items()}
-
-        if layer_width(layer).kv_heads > config.num_key_value_heads:
-            gram, _ = statistics(layer.self_attn.o_proj, False)
-            groups = prune_attention(layer, config.num_key_value_heads, gram, cfg.prune_refit, cfg.refit_ridge)
-        else:  # first-attention merge (Qwen3, Gemma3): the attention is already one layer's
-            groups = list(range(layer_width(layer).kv_heads))
-        # The MLP sees the pruned attention's output: measure it after the attention is final.
-        original_target = cfg.prune_refit and cfg.refit_target == "original"
-        gram, sums = statistics(layer.mlp.down_proj, original_target)
-        cross = sums.get("cross")
-        neurons = prune_mlp(layer, config.intermediate_size, gram, cfg.prune_refit, cfg.refit_ridge, cross=cross,
-                            fitted_importance=post_norm is not None and cross is not None)
+        hooks = [(layer.mlp.down_proj.register_forward_pre_hook, store_down_inputs)]
+        if original_target:
+            hooks += [(partial(layer.register_forward_pre_hook, with_kwargs=True), run_originals),
+                      (mlp_input_norm(layer).register_forward_pre_hook, lambda _m, args: state.update(h1=args[0]))]
+        run_layer(hooks)
+        sums = {k: self.reduce(v) for k, v in sums.items()}
+        mlp = layer.mlp
+        refit_targets = targets if original_target else None
+        if post_norm is not None and original_target:
+            # Neurons scored in the least-squares map from ALL neurons to the target (the widened halves are not on
+            # one scale before a post-MLP norm): this needs every neuron's statistics, the full Gram matrix.
+            keep = torch.arange(layer_width(layer).neurons)
+            gram, cross = kept_mlp_statistics(mlp.down_proj.weight, down_inputs, refit_targets, keep, self.reduce)
+            neurons = prune_mlp(layer, config.intermediate_size, gram, cfg.prune_refit, cfg.refit_ridge, cross=cross, fitted_importance=True)
+            index = torch.tensor(neurons, dtype=torch.long, device=gram.device)
+            gram, cross = gram[index][:, index], cross[index]
+        else:
+            neurons = top_units(contribution_importance(mlp.down_proj.weight, sums["diagonal"], layer_width(layer).neurons), config.intermediate_size)
+            down_weight = None
+            if cfg.prune_refit:
+                gram, cross = kept_mlp_statistics(mlp.down_proj.weight, down_inputs, refit_targets, torch.tensor(neurons, dtype=torch.long), self.reduce)
+                down_weight = solve_refit(gram, cross, cfg.refit_ridge)
+            prune_mlp(layer, config.intermediate_size, None, cfg.prune_refit, cfg.refit_ridge, keep_neurons=neurons, down_weight=down_weight)
         damage = None
         if original_target:
-            index = torch.tensor(neurons, dtype=torch.long)
-            residual = refit_residual(layer.mlp.down_proj.weight, gram[index][:, index], cross[index], float(sums["target_sq"]))
+            residual = refit_residual(layer.mlp.down_proj.weight, gram, cross, float(sums["target_sq"]))
             damage = residual / max(float(sums["update_sq"]), 1e-30)
             if post_norm is not None:
                 set_norm_scale(post_norm, sums["unit_cross"] / sums["unit_sq"].clamp(min=1e-12))

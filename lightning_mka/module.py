@@ -9,10 +9,11 @@ import torch
 from typing_extensions import override
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges
-from lightning_mka.errors import MKAError
 from lightning_mka.execution import check_execution, executor_of
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model_executed, parse_dtype
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
@@ -88,8 +89,16 @@ class MKAModule(L.LightningModule):
             return self
         return super()._apply(fn, recurse)
 
+    def refuse_under_sharding(self, strategy: Any) -> None:
+        """Under FSDP every parameter trains (``trainable: all``): freezing layers or folding LoRA adapters would change
+        the flat sharded parameters."""
+        if is_sharded(strategy) and self.hparams.trainable != "all":
+            raise MKAError(f"trainable: {self.hparams.trainable} under {sharding_name(strategy)} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
+
     @override
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            self.refuse_under_sharding(self.trainer.strategy)
         if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
             raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
 

@@ -1,6 +1,7 @@
 """Try one bad value per validated input through the real CLI; print a table of exit codes and error lines.
 
     .venv/bin/python scripts/bad_inputs.py > bench/results/bad_inputs.md
+    .venv/bin/python scripts/bad_inputs.py FSDP     # only the cases whose name contains FSDP (table rows)
 
 Uses a tiny random Llama saved to a temp dir (and the SmolLM2 GGUF from the asset cache for the corrupt-file case).
 """
@@ -93,7 +94,12 @@ def main() -> None:
         ("export dir not writable (read-only fs)", [], dict(export="/proc/mka-export")),
         ("YAML key that does not exist", ["--model.modle", "x"], None),
         ("unknown dtype", ["--model.dtype", "float8"], None),
+        # `fit` under FSDP (2 CPU processes, gloo) of a config whose MergeCallback still has layers to remove.
+        ("FSDP with a merge", ["fit", "--trainer.strategy", "fsdp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                               "--data.train_samples", "8"], None),
     ]
+    only = sys.argv[1] if len(sys.argv) > 1 else None
+    cases = [case for case in cases if only is None or only in case[0]]
     print("| input | exit | last line on stderr |")
     print("|---|---|---|")
     for name, args, merge in cases:
@@ -101,7 +107,9 @@ def main() -> None:
         export = merge.pop("export", None)
         cfg = root / "case.yaml"
         cfg.write_text(config(model, corpus, heldout, export=export, **merge))
-        proc = subprocess.run([sys.executable, "-m", "lightning_mka.cli", "validate", "--config", str(cfg), *args], capture_output=True, text=True, cwd=root, timeout=600)
+        command = args[0] if args[:1] == ["fit"] else "validate"
+        args = args[1:] if command == "fit" else args
+        proc = subprocess.run([sys.executable, "-m", "lightning_mka.cli", command, "--config", str(cfg), *args], capture_output=True, text=True, cwd=root, timeout=600)
         lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
         last = lines[-1] if lines else ""
         print(f"| {name} | {proc.returncode} | `{last.replace('|', '/')[:300]}` |", flush=True)

@@ -142,3 +142,19 @@ def test_similarity_config_errors_name_the_value():
         SimilarityConfig(measure="dot")
     with pytest.raises(MKAError, match="num_points=7 is too few"):
         SimilarityConfig().check_points(7)
+
+
+@pytest.mark.parametrize("dim", [2, 4])
+def test_lanczos_gives_the_same_embedding_as_the_full_eigh(dim):
+    """Diffusion maps keep only the leading eigenpairs: from LANCZOS_MIN_POINTS points on they come from Lanczos."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(400, generator=g) * 2 * math.pi
+    points = torch.stack([t.cos(), t.sin(), 0.3 * (3 * t).sin()], 1) @ torch.randn(3, 24, generator=g) + 0.05 * torch.randn(400, 24, generator=g)
+    full = diffusion_map(points, DiffusionMapConfig(embedding_dim=dim, eigensolver="eigh"))
+    lanczos = diffusion_map(points, DiffusionMapConfig(embedding_dim=dim, eigensolver="lanczos"))
+    auto = diffusion_map(points, DiffusionMapConfig(embedding_dim=dim))
+    torch.testing.assert_close(lanczos[1], full[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(lanczos[0], full[0], rtol=0, atol=1e-9)
+    assert torch.equal(auto[0], lanczos[0])  # 400 points >= LANCZOS_MIN_POINTS: auto takes Lanczos
+    with pytest.raises(MKAError, match="unknown eigensolver 'qr'"):
+        DiffusionMapConfig(eigensolver="qr")

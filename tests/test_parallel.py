@@ -12,10 +12,14 @@ from lightning_mka.errors import MKAError
 from lightning_mka.parallel import (
     GramAccumulator,
     contribution_importance,
+    kept_mlp_statistics,
     layer_width,
     parallel_merged_layer,
     prune_attention,
     prune_mlp,
+    refit_output,
+    solve_refit,
+    top_units,
 )
 from lightning_mka.surgery import decoder_stack, parallel_merge_layers
 
@@ -234,3 +238,30 @@ def test_refit_towards_the_original_pair_matches_it_better():
     assert errors["original"] < errors["widened"]
     # the damage from the refit's statistics is the pruned layer's output error relative to the pair's update
     assert damage == pytest.approx(errors["original"] / update, rel=1e-3)
+
+
+def test_kept_neuron_statistics_equal_the_full_gram_blocks_without_forming_it():
+    """parallel_pruned's lean statistics: neuron scores from the Gram diagonal and G_KK / C_K from down_proj's stored
+    inputs equal the blocks of the full (2 x intermediate)^2 Gram matrix the refit used to slice."""
+    model, merged, h, pe = _widened_layer_and_grams()
+    full = GramAccumulator(torch.float64)
+    inputs = []
+    handles = [merged.mlp.down_proj.register_forward_pre_hook(lambda _m, args: full.add(args[0])),
+               merged.mlp.down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))]
+    with torch.no_grad():
+        _layer_out(merged, h, pe)
+    for handle in handles:
+        handle.remove()
+    weight = merged.mlp.down_proj.weight
+    n = layer_width(merged).neurons
+    torch.testing.assert_close(contribution_importance(weight, full.gram.diagonal(), n), contribution_importance(weight, full.gram, n))
+    keep = torch.tensor(top_units(contribution_importance(weight, full.gram.diagonal(), n), n // 2))
+    targets = [torch.randn(u.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(1)) for u in inputs]
+    gram_kk, cross_k = kept_mlp_statistics(weight, inputs, targets, keep)
+    assert gram_kk.shape == (n // 2, n // 2)
+    x = torch.cat(inputs).double()
+    torch.testing.assert_close(gram_kk.double(), full.gram[keep][:, keep], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(cross_k.double(), x[:, keep].T @ torch.cat(targets).double(), rtol=1e-4, atol=1e-3)
+    # widened target: the same refit as slicing the full Gram (the old path), to float32 accumulation tolerance
+    gram_kk, cross_k = kept_mlp_statistics(weight, inputs, None, keep)
+    torch.testing.assert_close(solve_refit(gram_kk, cross_k, 1e-3), refit_output(weight, full.gram, keep, 1e-3), rtol=1e-3, atol=1e-4)

@@ -19,7 +19,8 @@ from typing_extensions import override
 from lightning_mka.activations import PointSpec
 from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check_method, collect_drop_statistics, select_layers_to_drop
 from lightning_mka.errors import MKAError
-from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, resolve_export_path, write_json_atomic
+from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
 from lightning_mka.planning import resolve_target
@@ -295,8 +296,25 @@ class MergeCallback(Callback):
 
     # ---- hooks --------------------------------------------------------------------------------
 
+    def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
+        """Surgery never touches sharded parameters: with layers left to remove, a sharding strategy (FSDP) is refused
+        in one line that names the two-step recipe (compress with ``validate``, heal the export with ``fit``)."""
+        if not is_sharded(strategy):
+            return
+        depth = num_layers(pl_module.model)
+        target = self._target
+        if target is None:
+            target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+        if depth <= target:
+            return  # nothing left to merge: the callback only measures and reports
+        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
+        export = resolve_export_path(self._export_template, source, target) if self._export_template else f"exports/{model_name(source)}-mka-{target}L"
+        what = f"MergeCallback would {'merge' if self.method == 'mka' else 'drop (' + self.method + ')'} {depth} -> {target} layers"
+        refuse_surgery_when_sharded(strategy, what, export)
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.refuse_under_sharding(trainer.strategy, pl_module)
         depth = num_layers(pl_module.model)
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never inside rank-0 code.
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -499,6 +517,7 @@ class MergeCallback(Callback):
                 "wall": round(time.perf_counter() - self._started, 2),
             },
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            **({"peak_device_mb": round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)} if pl_module.device.type == "cuda" else {}),
             "export_dir": str(Path(self.export_dir).resolve()) if self.export_dir else None,
         }
         if trainer.is_global_zero:

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
 
@@ -84,12 +85,21 @@ class QuantizeCallback(Callback):
 
         return next((cb for cb in trainer.callbacks if isinstance(cb, MergeCallback)), None)
 
+    def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
+        """Under FSDP no rank holds the whole model to quantize: quantize the healed export in a run of its own."""
+        if is_sharded(strategy):
+            raise MKAError(
+                f"QuantizeCallback under {sharding_name(strategy)}: no rank holds the whole model to quantize; quantize the healed export in its own run, "
+                "`lightning-mka validate --model.model <healed export>` with this QuantizeCallback and no MergeCallback"
+            )
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.refuse_under_sharding(trainer.strategy, pl_module)
         # Before the dense validation and any merge: a model the kernels cannot run is refused in seconds, not after.
-        # The quantized models run on CPU (load_quantized's device_map).
+        # The quantized models run where the model runs (the strategy's device: CPU here, a GPU where there is one).
         for mode in self.modes:
-            check_quantizable(pl_module.model, mode, "cpu", self.skip_modules)
+            check_quantizable(pl_module.model, mode, trainer.strategy.root_device.type, self.skip_modules)
         merge = self._merge_callback(trainer)
         if merge is not None and merge._target is None:
             raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
@@ -127,6 +137,10 @@ class QuantizeCallback(Callback):
         else:
             source = Path(merged_export)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # The quantized model computes in the float model's dtype, on the float model's device.
+        device = trainer.strategy.root_device
+        device_map = "cpu" if device.type == "cpu" else {"": str(device)}
+        compute_dtype = next(pl_module.model.parameters()).dtype
         results: dict[str, Any] = {
             "source": str(source) if temp is None else "in-memory model",
             "float": {"bytes_on_disk": directory_bytes(source), "bytes_in_memory": weight_bytes(pl_module.model), "metrics": dict(pl_module.last_metrics)},
@@ -134,7 +148,7 @@ class QuantizeCallback(Callback):
         try:
             for mode in self.modes:
                 tick = time.perf_counter()
-                model = load_quantized(source, mode, skip_modules=self.skip_modules)
+                model = load_quantized(source, mode, compute_dtype=compute_dtype, device_map=device_map, skip_modules=self.skip_modules)
                 entry: dict[str, Any] = {"bytes_in_memory": weight_bytes(model), "load_seconds": round(time.perf_counter() - tick, 2)}
                 # Export before the first forward: on AVX512-BF16 CPUs bitsandbytes repacks nf4 weights for inference,
                 # and saving a repacked layer re-quantizes its scales from bfloat16 (a second, lossy rounding).

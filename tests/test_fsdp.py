@@ -1,0 +1,88 @@
+"""Healing under FSDP (CPU, gloo): two processes heal like one; merges, layer freezing and quantization under FSDP are
+refused in one line naming the two-step recipe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli_and_assets import assert_one_line_error, cli
+from test_resume import write_config
+
+from lightning_mka.callbacks import MergeCallback, QuantizeCallback
+from lightning_mka.errors import MKAError
+from lightning_mka.fsdp import decoder_layer_classes, fsdp_strategy, is_sharded
+from lightning_mka.module import MKAModule
+
+RUNNER = Path(__file__).with_name("fsdp_heal_run.py")
+
+
+def heal_run(out, model_dir, corpus, heldout, devices, batch_size):
+    proc = subprocess.run([sys.executable, str(RUNNER), str(model_dir), str(corpus), str(heldout), str(out), str(devices), str(batch_size)],
+                          cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "losses.json").read_text()), load_file(out / "export" / "model.safetensors")
+
+
+def test_fsdp_two_processes_heal_like_one(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    # Same sequences per optimizer step: 2 ranks x 4 sequences under FSDP, 8 sequences in one process.
+    single, single_weights = heal_run(tmp_path / "single", tiny_model_dir, tiny_corpus, tiny_heldout, 1, 8)
+    sharded, sharded_weights = heal_run(tmp_path / "fsdp", tiny_model_dir, tiny_corpus, tiny_heldout, 2, 4)
+    assert sharded["world_size"] == 2 and sharded["wrapper"] == "FullyShardedDataParallel"
+    assert sharded["fsdp_units"] == 1 + 6  # the root (embeddings, norm, head) and one unit per decoder layer
+    assert single["world_size"] == 1 and single["fsdp_units"] == 0
+    assert len(single["losses"]) == len(sharded["losses"]) == 4  # 16 training sequences, 8 per step, 2 epochs
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
+    assert single["losses"][-1] < single["losses"][0]  # it trained
+    for name, value in single["metrics"].items():
+        assert sharded["metrics"][name] == pytest.approx(value, rel=1e-4), name
+    # The full model written from the gathered shards: every tensor, within float tolerance of one process's.
+    dense = load_file(tiny_model_dir / "model.safetensors")
+    assert sorted(sharded_weights) == sorted(single_weights) == sorted(dense)
+    moved = max(float((single_weights[k] - dense[k]).abs().max()) for k in dense)
+    differ = max(float((single_weights[k] - sharded_weights[k]).abs().max()) for k in dense)
+    assert moved > 1e-3 and differ < 2e-5, (moved, differ)
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["export", "losses.json"]  # no temp dir left
+
+
+def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    fsdp = ["--trainer.strategy", "fsdp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+            "--data.train_samples", "8", "--data.batch_size", "2"]
+    config = write_config(tmp_path / "merge.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export-{layers}L")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused = cli("fit", "--config", str(config), *fsdp, cwd=tmp_path)
+    assert_one_line_error(refused, "MergeCallback would merge 6 -> 3 layers under FSDP, but surgery never touches sharded parameters")
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "`lightning-mka validate`" in line and f"`lightning-mka fit --model.model {tmp_path}/export-3L --trainer.strategy fsdp`" in line
+    assert sum(text.startswith("error:") for text in refused.stderr.splitlines()) == 1  # refused before any rank started
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+    # The two-step recipe's second step: the (compressed) model healed under FSDP, no MergeCallback.
+    # Checkpoints hold the full model (on CPU gathered without offload_to_cpu, Lightning issue #21804).
+    healed = cli("fit", "--config", str(config), *fsdp, "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "true",
+                 "--trainer.default_root_dir", str(tmp_path / "root"), cwd=tmp_path)
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert "Starting with 2 processes" in healed.stderr + healed.stdout
+    (checkpoint,) = (tmp_path / "root" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    dense = load_file(tiny_model_dir / "model.safetensors")
+    assert {key.removeprefix("model."): tuple(value.shape) for key, value in state.items()} == {key: tuple(value.shape) for key, value in dense.items()}
+
+
+def test_refusals_under_fsdp_without_processes(tiny_model_dir):
+    module = MKAModule(model=str(tiny_model_dir), trainable="merged")
+    strategy = fsdp_strategy(module.model)
+    assert is_sharded(strategy) and {c.__name__ for c in decoder_layer_classes(module.model)} == {"LlamaDecoderLayer"}
+    assert strategy.kwargs["auto_wrap_policy"] is not None
+    with pytest.raises(MKAError, match="trainable: merged under FSDP would change sharded parameters"):
+        module.refuse_under_sharding(strategy)
+    MKAModule(model=str(tiny_model_dir)).refuse_under_sharding(strategy)  # trainable: all heals under FSDP
+    with pytest.raises(MKAError, match=r"MergeCallback would drop \(shortgpt\) 6 -> 4 layers under FSDP.*`lightning-mka fit --model.model exports/tiny-llama-mka-4L --trainer.strategy fsdp`"):
+        MergeCallback(target_layers=4, method="shortgpt").refuse_under_sharding(strategy, module)
+    MergeCallback(target_layers=4).refuse_under_sharding("ddp", module)  # not sharded: merging is fine
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(MKAError, match="QuantizeCallback under FSDP"):
+        QuantizeCallback(modes=["int8"]).refuse_under_sharding(strategy, module)
