@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import compute_device, executor_of
 from lightning_mka.surgery import per_layer_config_keys
 
 POINT_MODES = ("tokens", "last", "mean")
@@ -86,7 +87,8 @@ def suffix_only(base_model: nn.Module, start: int, cached_input):
     per_layer = {key: getattr(config, key) for key in per_layer_config_keys(config, len(layers))}
 
     def inject(_module, args, kwargs):
-        cached = cached_input()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cached = cached_input().to(hidden.device)  # cached inputs may live on CPU (layer-wise execution)
         return ((cached, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": cached})
 
     handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)  # before any other hook
@@ -106,6 +108,19 @@ class _StopForward(Exception):
     pass
 
 
+def call_body(base_model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, cached: torch.Tensor | None = None):
+    """Run the transformer body on one batch. With ``cached`` (the first layer's input, inside ``suffix_only``) the
+    embeddings are not looked up: it is passed as ``inputs_embeds``, from which the model builds the masks and
+    position embeddings exactly as for ``input_ids``, and the inject hook hands the same tensor to the first layer."""
+    mask = batch["attention_mask"].to(device)
+    try:
+        if cached is None:
+            return base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
+        return base_model(inputs_embeds=cached.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        executor_of(base_model).settle()  # a pass stopped inside a layer leaves nothing onloaded
+
+
 @torch.no_grad()
 def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[str, torch.Tensor]], cached_inputs=None, on_batch=None) -> None:
     """Run calibration batches through the decoder layers up to and including ``index``, and no further.
@@ -119,8 +134,9 @@ def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[
 
     start = index if cached_inputs is not None else 0
     state = {"batch": 0}
+    executor_of(base_model).sync()
     handle = base_model.layers[index].register_forward_hook(stop)
-    device = next(base_model.parameters()).device
+    device = compute_device(base_model)
     try:
         with suffix_only(base_model, start, lambda: cached_inputs[state["batch"]]):
             for b, batch in enumerate(batches):
@@ -128,7 +144,7 @@ def run_through_layer(base_model: nn.Module, index: int, batches: Iterable[dict[
                 if on_batch is not None:
                     on_batch(batch)
                 try:
-                    base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                    call_body(base_model, batch, device, cached_inputs[b] if start > 0 else None)
                 except _StopForward:
                     pass
     finally:
@@ -200,6 +216,11 @@ class LayerPointCollector:
         if start == 0:
             self.points = [torch.empty(0)] * num_layers
             self.inputs = [[] for _ in range(num_layers)] if self.cache_inputs else []
+        executor = executor_of(self.base_model)
+        executor.sync()
+        if executor.layerwise:
+            self._run_layer_major(batches, start, stop, executor)
+            return
         new_points: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
         new_inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(start, stop)}
         ids_all: list[torch.Tensor] = []
@@ -220,7 +241,7 @@ class LayerPointCollector:
         def make_pre_hook(i: int):
             def pre_hook(_module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                new_inputs[i].append(hidden.detach().clone())
+                new_inputs[i].append(executor.cache(hidden))  # a copy; on CPU under layer-wise execution
 
             return pre_hook
 
@@ -235,21 +256,63 @@ class LayerPointCollector:
         if stop < num_layers:
             handles.append(self.layers[stop - 1].register_forward_hook(stop_hook))  # after the point hook
         with suffix_only(self.base_model, start, lambda: self.inputs[start][state["batch"]]), _hooks(handles):
-            device = next(self.base_model.parameters()).device
+            device = compute_device(self.base_model)
             for b, batch in enumerate(batches):
                 state.update(index=batch["index"], mask=batch["attention_mask"], batch=b)
                 try:
-                    self.base_model(
-                        input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False,
-                    )
+                    call_body(self.base_model, batch, device, self.inputs[start][b] if start > 0 else None)
                 except _StopForward:
                     pass
         for i in range(start, stop):
             self.points[i] = torch.cat(new_points[i]) if new_points[i] else torch.empty(0)
             if self.cache_inputs:
                 self.inputs[i] = new_inputs[i]
+        if start == 0:
+            self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
+
+    def _run_layer_major(self, batches: Iterable[dict[str, torch.Tensor]], start: int, stop: int, executor) -> None:
+        """``run`` under layer-wise execution: each layer runs over every batch before the next one starts, so it is
+        onloaded once per pass (llm-compressor's sequential onloading). Layer ``i``'s outputs, kept on CPU, are layer
+        ``i + 1``'s inputs; the model's own forward runs each layer (``suffix_only`` + ``inputs_embeds``), so masks and
+        position embeddings are the ones a full pass computes, and the result is the batch-by-batch pass's, bit for bit."""
+        batches = list(batches)  # ids and masks only: every layer walks them
+        device = executor.device
+        current: list[torch.Tensor | None] = [self.inputs[start][b] if start > 0 else None for b in range(len(batches))]
+        ids_all: list[torch.Tensor] = []
+        state: dict = {}
+
+        def capture(_module, args, kwargs):
+            state["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def finish(_module, _args, output):
+            state["output"] = hidden_of(output)
+            raise _StopForward
+
+        for i in range(start, stop):
+            points: list[torch.Tensor] = []
+            inputs: list[torch.Tensor] = []
+            layer = self.layers[i]
+            handles = [layer.register_forward_pre_hook(capture, with_kwargs=True), layer.register_forward_hook(finish)]
+            with executor.held(layer), suffix_only(self.base_model, i, lambda: current[state["batch"]]), _hooks(handles):
+                for b, batch in enumerate(batches):
+                    state["batch"] = b
+                    try:
+                        call_body(self.base_model, batch, device, current[b])
+                    except _StopForward:
+                        pass
+                    hidden = state.pop("output")
+                    if not torch.isfinite(hidden).all():
+                        raise MKAError(f"decoder layer {i} produced NaN/Inf activations; use float32 (model.dtype) or check the weights")
+                    pts, ids = self._select(hidden, batch["index"], batch["attention_mask"])
+                    points.append(pts.float().cpu())
+                    if i == start:
+                        ids_all.append(ids)
+                    inputs.append(current[b] if current[b] is not None else executor.cache(state["input"]))
+                    current[b] = executor.cache(hidden)
+                    state.pop("input")
+            self.points[i] = torch.cat(points) if points else torch.empty(0)
+            if self.cache_inputs:
+                self.inputs[i] = inputs
         if start == 0:
             self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_mka.activations import hidden_of
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import compute_device, executor_of
 
 DROP_METHODS = ("tail", "shortgpt", "angular", "random", "replaceme")
 STATISTICS_METHODS = ("shortgpt", "angular", "replaceme")  # need collect_drop_statistics
@@ -79,7 +80,8 @@ def collect_drop_statistics(base_model: nn.Module, batches: Iterable[dict[str, t
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(i)))
     try:
-        device = next(base_model.parameters()).device
+        executor_of(base_model).sync()
+        device = compute_device(base_model)
         for batch in batches:
             mask = batch["attention_mask"]
             state.update(mask=mask, last=(mask.long().sum(1) - 1).clamp(min=0).to(device))

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lightning_mka.execution import compute_device, executor_of
+
 
 def shifted_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Sum of next-token NLL and the number of scored tokens.
@@ -37,7 +39,7 @@ def continuation_logprobs(model, context: list[int], continuations: list[list[in
     (padding at the end cannot change earlier positions under a causal mask). Single-token continuations (MMLU
     letters) need only the context's last logits.
     """
-    device = next(model.parameters()).device
+    device = compute_device(model)
     out = model(input_ids=torch.tensor([context], device=device), use_cache=True)
     first = out.logits[0, -1].float().log_softmax(-1).cpu()
     scores = torch.stack([first[c[0]] for c in continuations])
@@ -143,7 +145,8 @@ class Evaluator:
 
     def run(self, model, loaders, on_batch=None) -> dict[str, float]:
         """Evaluate ``model`` on every loader; ``on_batch()`` is called after each batch (e.g. progress)."""
-        device = next(model.parameters()).device
+        executor_of(model).sync()
+        device = compute_device(model)
         for name, loader in zip(self.names, loaders):
             for batch in loader:
                 if name != "mmlu":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning_mka.errors import MKAError
 from lightning_mka.signals import clean_stale_temps, set_phase
+from lightning_mka.execution import executor_of
 
 # Placeholders an export path may hold, resolved once the model and the final depth are known (before any work).
 EXPORT_PLACEHOLDERS = ("model", "layers")
@@ -128,7 +129,10 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path)))
         tmp.chmod(0o755)
-        model.save_pretrained(tmp) if state_dict is None else model.save_pretrained(tmp, state_dict=state_dict)
+        if state_dict is None:
+            executor_of(model).save_pretrained(tmp)  # layer-wise with disk offload: streamed tensor by tensor
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+from lightning_mka.execution import compute_device
 from lightning_mka.errors import MKAError
 from lightning_mka.progress import is_terminal
 from lightning_mka.text import LETTERS, MMLUQuestion
@@ -76,7 +77,7 @@ def run_harness(model, tokenizer, tasks: list, batch_size: int = 1, limit: int |
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # lm-eval logs every task and request build at INFO
     try:
         with _quiet_bars_off_terminal():

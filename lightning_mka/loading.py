@@ -81,3 +81,34 @@ def load_model(source: str, dtype: str = "float32"):
         model.hf_quantizer = None  # GGUF is dequantized on load; the weights are plain floats
     model.eval()
     return model
+
+
+def load_model_executed(source: str, dtype: str = "float32", execution: str = "whole", offload: str | None = None, offload_dir: str | None = None):
+    """``load_model`` under an execution mode (``lightning_mka.execution``).
+
+    ``whole``: the plain model. ``layerwise`` with ``offload: cpu``: the model loaded on CPU, run one unit at a time
+    on the compute device. ``offload: disk``: no weight is loaded at all; the parameters are read from the model's
+    safetensors as each unit runs, so the model must be a local directory with safetensors files.
+    """
+    from lightning_mka.execution import LayerwiseExecutor, check_execution, load_skeleton
+
+    execution, offload = check_execution(execution, offload)
+    if execution == "whole":
+        return load_model(source, dtype)
+    if offload == "cpu":
+        model = load_model(source, dtype)
+        LayerwiseExecutor(model, "cpu")
+        return model
+    where, extra = resolve_model_source(source)
+    if extra.get("gguf_file") or not Path(where).is_dir():
+        what = "a .gguf file" if extra.get("gguf_file") else "a hub id"
+        raise MKAError(f"offload: disk reads weights from a local safetensors directory, and {source!r} is {what}; convert it once with save_pretrained (or use offload: cpu)")
+    try:
+        model, index = load_skeleton(where, parse_dtype(dtype))
+    except MKAError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first}); check that the files are complete, or re-export them") from None
+    LayerwiseExecutor(model, "disk", index, scratch_dir=offload_dir)
+    return model

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_mka.activations import LayerPointCollector, PointSpec, _StopForward, hidden_of, run_through_layer, sample_token_positions, suffix_only
+from lightning_mka.execution import compute_device, executor_of
 from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
 from lightning_mka.planning import candidate_pairs, choose_pair, merge_alpha, parse_alpha
@@ -278,6 +279,7 @@ class LayerMerger:
         if prepared is not None:
             layer, kept = prepared
             install_merged_layer(self.model, l, m, layer)
+            executor_of(self.model).spill(decoder_stack(self.model)[1][l])
         else:
             kept = self._apply(l, m, alpha, operator)
         self.stats.merge_seconds += time.perf_counter() - tick
@@ -335,7 +337,7 @@ class LayerMerger:
             for operator, alpha in self._options(similarity, l, m):
                 layers = decoder_stack(self.model)[1]
                 originals = (layers[l], layers[m])
-                with merged_temporarily(self.model, l, m, alpha, operator):
+                with executor_of(self.model).materialized(*originals), merged_temporarily(self.model, l, m, alpha, operator):
                     if operator == "parallel_pruned":
                         self._prune(l, m, originals)
                     nll = self._slice_nll(start=l)
@@ -355,7 +357,7 @@ class LayerMerger:
         for l, m in self._ranked(similarity, candidates)[: self.config.verify_top]:
             layers = decoder_stack(self.model)[1]
             originals = (layers[l], layers[m])
-            with merged_temporarily(self.model, l, m, None, "parallel_pruned"):
+            with executor_of(self.model).materialized(*originals), merged_temporarily(self.model, l, m, None, "parallel_pruned"):
                 kept = self._prune(l, m, originals)
                 layer = decoder_stack(self.model)[1][l]
             if best is None or kept["damage"] < best[0]:
@@ -368,10 +370,12 @@ class LayerMerger:
         """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven)."""
         layers = decoder_stack(self.model)[1]
         originals = (layers[min(l, m)], layers[max(l, m)])
-        apply_merge(self.model, l, m, operator, alpha)
-        if operator != "parallel_pruned":
-            return {}
-        return self._prune(l, m, originals)
+        executor = executor_of(self.model)
+        with executor.materialized(*originals):  # surgery reads (and, averaging, writes) real weights
+            apply_merge(self.model, l, m, operator, alpha)
+            kept = self._prune(l, m, originals) if operator == "parallel_pruned" else {}
+            executor.spill(decoder_stack(self.model)[1][min(l, m)])  # disk offload: the merged layer goes to disk
+        return kept
 
     @torch.no_grad()
     def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module]) -> dict:
@@ -445,7 +449,7 @@ class LayerMerger:
             h = args[0] if args else kwargs["hidden_states"]
             state["h"] = h
             if target_cache is not None:
-                state["target"] = target_cache[state["batch"]]
+                state["target"] = target_cache[state["batch"]].to(h.device)
                 return
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             out = hidden_of(originals[0](h, *args[1:], **rest))
@@ -503,7 +507,8 @@ class LayerMerger:
         """Mean next-token NLL of the model on the first ``verify_batches`` calibration batches, running only the
         layers from ``start`` on (their input is cached and unchanged by a merge at ``start``)."""
         base, _ = decoder_stack(self.model)
-        device = next(self.model.parameters()).device
+        executor_of(self.model).sync()
+        device = compute_device(self.model)
         total = torch.zeros(2, dtype=torch.float64)
         state = {"batch": 0}
         with suffix_only(base, start, lambda: self.collector.inputs[start][state["batch"]]):
@@ -511,7 +516,11 @@ class LayerMerger:
                 if b >= self.config.verify_batches:
                     break
                 state["batch"] = b
-                logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+                mask = batch["attention_mask"].to(device)
+                if start > 0:  # the embeddings are not needed: the cached input replaces them
+                    logits = self.model(inputs_embeds=self.collector.inputs[start][b].to(device), attention_mask=mask, use_cache=False).logits
+                else:
+                    logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).logits
                 nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"].to(device), batch["attention_mask"].to(device))
                 total += torch.tensor([float(nll_sum), float(count)], dtype=torch.float64)
         total = self.reduce(total)

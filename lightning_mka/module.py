@@ -9,14 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
+from lightning_mka.execution import check_execution, executor_of
 from lightning_mka.fsdp import is_sharded, sharding_name
-from lightning_mka.loading import load_model, load_tokenizer, parse_dtype, resolve_model_source
+from lightning_mka.loading import load_model, load_model_executed, load_tokenizer, parse_dtype, resolve_model_source
 from lightning_mka.merging import replay_plan
 from lightning_mka.progress import Progress
 from lightning_mka.surgery import decoder_stack
@@ -56,6 +58,11 @@ class MKAModule(L.LightningModule):
         kd_chunk_tokens: tokens per chunk of the distillation loss (memory is bounded by one chunk's logits).
         lr_schedule: ``constant`` | ``cosine`` (cosine decay to ``min_lr_ratio`` over the run's training steps), both
             after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.
+        execution: ``whole`` (default: the model on the device) | ``layerwise`` (one decoder layer at a time on the
+            device, for models bigger than it: compression and evaluation, not ``fit``); see ``lightning_mka.execution``.
+        offload: where weights rest under ``layerwise``: ``cpu`` (default) | ``disk`` (read from the model's
+            safetensors as each layer runs; merged layers are written to ``offload_dir``). ``none`` with ``whole``.
+        offload_dir: scratch directory for merged layers under ``offload: disk`` (default: a temporary directory).
     """
 
     def __init__(
@@ -81,13 +88,17 @@ class MKAModule(L.LightningModule):
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
+        execution: str = "whole",
+        offload: str | None = None,
+        offload_dir: str | None = None,
     ) -> None:
         super().__init__()
         parse_dtype(dtype)
+        check_execution(execution, offload)
         check_trainable(trainable, lora_rank, tail_layers)
         check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = load_model(model, dtype)
+        self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
         # Merges already in the loaded model (an export of this tool): the teacher's layers the student's came from.
         self.source_plan: list[dict] = read_export_plan(model)
@@ -134,15 +145,27 @@ class MKAModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        executor = executor_of(self.model) if "model" in self._modules else None
+        if executor is not None and executor.layerwise:
+            # Layer-wise: the weights stay where the executor keeps them (CPU / disk); Lightning moving the module
+            # to the accelerator only sets the compute device the executor onloads each layer to.
+            executor.device = self.device
+            return self
+        return super()._apply(fn, recurse)
+
     def refuse_under_sharding(self, strategy: Any) -> None:
         """Under FSDP every parameter trains (``trainable: all``): freezing layers or folding LoRA adapters would change
         the flat sharded parameters."""
         if is_sharded(strategy) and self.hparams.trainable != "all":
             raise MKAError(f"trainable: {self.hparams.trainable} under {sharding_name(strategy)} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
 
+    @override
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             self.refuse_under_sharding(self.trainer.strategy)
+        if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
+            raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
 
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it

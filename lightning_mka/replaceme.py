@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_mka.activations import hidden_of, run_through_layer
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import executor_of
 from lightning_mka.parallel import post_mlp_norm, set_norm_scale
 from lightning_mka.surgery import decoder_stack, drop_layers
 
@@ -135,13 +136,16 @@ def replace_block(model: nn.Module, start: int, end: int, batches: Iterable[dict
     assert stats.gram is not None and stats.cross is not None
     transform = least_squares_transform(stats.gram, stats.cross, ridge)
     before = layers[start - 1]
-    fold_transform(before.mlp.down_proj, transform)
+    executor = executor_of(model)
     record = {"transform_layer": start - 1, "calibration_tokens": stats.tokens}
     norm = post_mlp_norm(before)
-    if norm is not None:
-        assert stats.unit_cross is not None and stats.unit_sq is not None
-        set_norm_scale(norm, stats.unit_cross / stats.unit_sq.clamp(min=1e-12))
-    else:
+    with executor.materialized(before):  # layer-wise with disk offload: real weights to fold into, then back to disk
+        fold_transform(before.mlp.down_proj, transform)
+        if norm is not None:
+            assert stats.unit_cross is not None and stats.unit_sq is not None
+            set_norm_scale(norm, stats.unit_cross / stats.unit_sq.clamp(min=1e-12))
+        executor.spill(before)
+    if norm is None:
         t = transform
         residual = stats.target_sq - 2.0 * float((t * stats.cross).sum()) + float((t * (stats.gram @ t)).sum())
         record["relative_residual"] = round(max(0.0, residual) / max(stats.target_sq, 1e-30), 6)
