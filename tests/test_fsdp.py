@@ -62,7 +62,9 @@ def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model
 
     # The two-step recipe's second step: the (compressed) model healed under FSDP, no MergeCallback.
     # Checkpoints hold the full model (on CPU gathered without offload_to_cpu, Lightning issue #21804).
+    # ExportCallback gathers the shards and writes the healed model.
     healed = cli("fit", "--config", str(config), *fsdp, "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "true",
+                 "--trainer.callbacks+", "lightning_mka.callbacks.ExportCallback", "--trainer.callbacks.export_dir", str(tmp_path / "healed"),
                  "--trainer.default_root_dir", str(tmp_path / "root"), cwd=tmp_path)
     assert healed.returncode == 0, healed.stderr[-3000:]
     assert "Starting with 2 processes" in healed.stderr + healed.stdout
@@ -70,6 +72,10 @@ def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     dense = load_file(tiny_model_dir / "model.safetensors")
     assert {key.removeprefix("model."): tuple(value.shape) for key, value in state.items()} == {key: tuple(value.shape) for key, value in dense.items()}
+    exported = load_file(tmp_path / "healed" / "model.safetensors")
+    assert {key: tuple(value.shape) for key, value in exported.items()} == {key: tuple(value.shape) for key, value in dense.items()}
+    assert all(torch.equal(exported[key], value.to(exported[key].dtype)) for key, value in ((k.removeprefix("model."), v) for k, v in state.items()) if key in exported)
+    assert any(not torch.equal(exported[key], dense[key]) for key in dense)  # healed: the weights moved
 
 
 def test_refusals_under_fsdp_without_processes(tiny_model_dir):

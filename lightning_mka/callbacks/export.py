@@ -9,12 +9,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_mka.fsdp import is_sharded, save_full_model
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
 from lightning_mka.surgery import num_layers
 
 
 class ExportCallback(Callback):
-    """``save_pretrained`` the fine-tuned model and its tokenizer when ``fit`` ends (rank 0; a temp dir, then a rename).
+    """``save_pretrained`` the fine-tuned model and its tokenizer when ``fit`` ends (rank 0; a temp dir, then a rename;
+    under FSDP the full state dict is gathered from the shards first).
 
     For healing without merging, e.g. a model compressed earlier, distilled from the dense one::
 
@@ -56,13 +58,18 @@ class ExportCallback(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if hasattr(pl_module, "fold_adapters"):
             pl_module.fold_adapters()
+        assert self.export_dir is not None
+        plan = [*getattr(pl_module, "source_plan", []), *getattr(pl_module, "merge_plan", [])]
+        report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": num_layers(pl_module.model),
+                  "global_step": trainer.global_step, "metrics_first_validation": self._first, "metrics_after": dict(getattr(pl_module, "last_metrics", {}))}
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        extra = {"mka_merge_plan.json": {"steps": plan}, "mka_heal.json": report}
+        if is_sharded(trainer.strategy):  # gather the full state dict (a collective on every rank), rank 0 writes
+            save_full_model(trainer.strategy, pl_module.model, self.export_dir, tokenizer, overwrite=self.overwrite, extra_files=extra)
         if trainer.is_global_zero:
-            assert self.export_dir is not None
-            plan = [*getattr(pl_module, "source_plan", []), *getattr(pl_module, "merge_plan", [])]
-            report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": num_layers(pl_module.model),
-                      "global_step": trainer.global_step, "metrics_first_validation": self._first, "metrics_after": dict(getattr(pl_module, "last_metrics", {}))}
-            path = export_pretrained(pl_module.model, getattr(trainer.datamodule, "tokenizer", None), self.export_dir, overwrite=self.overwrite,
-                                     extra_files={"mka_merge_plan.json": {"steps": plan}, "mka_heal.json": report})
+            path = Path(self.export_dir)
+            if not is_sharded(trainer.strategy):
+                path = export_pretrained(pl_module.model, tokenizer, self.export_dir, overwrite=self.overwrite, extra_files=extra)
             if self._log_dir is not None:
                 write_json_atomic(self._log_dir / "heal_results.json", {**report, "export_dir": str(path.resolve())})
             rank_zero_info(f"[mka] exported the healed model to {path}")
