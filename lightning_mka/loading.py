@@ -99,6 +99,8 @@ def load_model_executed(source: str, dtype: str = "float32", execution: str = "w
         model = load_model(source, dtype)
         LayerwiseExecutor(model, "cpu")
         return model
+    if str(source).lower().endswith(".gguf"):  # refused by its name, before the file is read
+        raise MKAError(f"offload: disk reads weights from a local safetensors directory, and {source!r} is a .gguf file; convert it once with save_pretrained (or use offload: cpu)")
     where, extra = resolve_model_source(source)
     if extra.get("gguf_file") or not Path(where).is_dir():
         what = "a .gguf file" if extra.get("gguf_file") else "a hub id"
