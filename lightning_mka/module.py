@@ -358,7 +358,7 @@ def check_distillation(model: str, teacher: str | None, temperature: float, kd_w
                        chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
     """Bad distillation settings, refused before any model is loaded."""
     if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise MKAError(f"temperature must be > 0, got {temperature!r}")
+        raise MKAError(f"temperature must be > 0, got {temperature!r}; pass e.g. --model.temperature 1.0 (the loss is T^2 * KL at temperature T)")
     for name, value in (("kd_weight", kd_weight), ("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
         if not isinstance(value, (int, float)) or value < 0:
             raise MKAError(f"{name} must be >= 0, got {value!r}")
