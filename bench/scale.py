@@ -179,13 +179,44 @@ def run_child(args, model_dir: Path, work: Path, mode: str) -> dict:
     return result
 
 
+def command_flags(args) -> str:
+    """The non-default flags of this run, as they were given (for the header of the table)."""
+    flags = ""
+    if args.operator != "average":
+        flags += f" --operator {args.operator}"
+    if args.sizes:
+        flags += " --sizes " + " ".join(args.sizes)
+    if Path(args.out).resolve() != (ROOT / "bench" / "results").resolve():
+        out = Path(args.out).resolve()
+        flags += f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+    return flags
+
+
+def parallel_pruned_note(rows: list[dict], args) -> list[str]:
+    """What a ``parallel_pruned`` merge adds to the peak, from the shapes (not measured): per merge, the two original
+    layers and their widened layer (twice a layer) are materialized, and the pruning statistics are held."""
+    widest = max(rows, key=lambda r: r["params"])
+    size = next(s for s in SIZES + SMOKE if s[0] == widest["name"])
+    hidden, inter = size[1], size[2]
+    tokens = args.samples * args.seq_len
+    layer_gb = (4 * hidden * hidden + 3 * hidden * inter) * 4 / 2**30  # Llama layer, GQA ignored: an upper bound
+    stats_gb = (tokens * 2 * inter * 4 + tokens * hidden * 4 + inter * inter * 4 + inter * hidden * 4 + 2 * inter * inter * 8) / 2**30
+    return [
+        f"`merge_operator: parallel_pruned` adds, per merge (nothing of it outlives the merge): the two original layers and their widened "
+        f"layer (about 4 layers' weights; {widest['name']}: <= {4 * layer_gb:.2f} GB) and the pruning statistics: the widened `down_proj`'s "
+        f"inputs ({tokens} tokens x 2 x {inter}) and refit targets, G_KK of the kept neurons ({inter}^2, float32), C_K ({inter} x {hidden}) "
+        f"and the two float64 {inter}^2 matrices of the solve: {stats_gb:.2f} GB for {widest['name']}.",
+        "",
+    ]
+
+
 def write_outputs(rows: list[dict], args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
     lines = [
         "# Scale: whole model vs layer-wise execution with disk offload",
         "",
-        f"`flock /work/bench.lock .venv/bin/python bench/scale.py` ({args.samples} x {args.seq_len} random calibration tokens, "
+        f"`flock /work/bench.lock .venv/bin/python bench/scale.py{command_flags(args)}` ({args.samples} x {args.seq_len} random calibration tokens, "
         f"batch {args.batch_size}, {args.points} points, `merge_operator: {args.operator}`, 25% of layers removed, {args.threads} threads, "
         "float32, 2 shared CPU cores). Random-weight Llama models (vocab 32000, untied head) written as safetensors; every run in its own process: "
         "load, merge loop, held-out perplexity, export. `peak RSS` = ru_maxrss; `peak anon` = the largest RssAnon sampled every 10 ms "
@@ -224,6 +255,7 @@ def write_outputs(rows: list[dict], args, out: Path) -> None:
         "on this machine). In whole mode transformers "
         "memory-maps the safetensors: the weights are file-backed pages, counted in peak RSS but not in peak anon.",
         "",
+        *(parallel_pruned_note(rows, args) if args.operator == "parallel_pruned" else []),
         "![peak RSS](scale.png)",
         "",
     ]
