@@ -92,17 +92,28 @@ def aligned_teacher_layers(student_depth: int, plan: list[dict]) -> list[int]:
     return [max(o) for o in origins]
 
 
-def hidden_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], mask: torch.Tensor | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1) -> torch.Tensor:
     """Mean over aligned layer pairs of ``||s - t||^2 / ||t||^2`` (over the scored tokens): scale-free, so layers with
-    large activations do not dominate."""
-    terms = []
+    large activations do not dominate.
+
+    Data-parallel (``reduce`` sums a tensor over the ``world_size`` ranks): the denominators ``||t||^2`` (constants,
+    the teacher's) are summed over ranks and each rank returns ``world_size * ||s - t||^2_rank / ||t||^2_all``, so the
+    mean over ranks that DDP / FSDP gradient averaging optimizes is the ratio over the global batch, as in one process
+    (a ratio per rank, averaged, is not).
+    """
+    numerators, denominators = [], []
     for s, t in zip(student_states, teacher_states):
         s, t = s.float(), t.float()
         if mask is not None:
             keep = mask.bool()
             s, t = s[keep], t[keep]
-        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
-    return torch.stack(terms).mean()
+        numerators.append((s - t).pow(2).sum())
+        denominators.append(t.pow(2).sum().detach())
+    if reduce is None:
+        return torch.stack([n / d.clamp_min(1e-12) for n, d in zip(numerators, denominators)]).mean()
+    total = reduce(torch.stack(denominators)).clamp_min(1e-12)
+    return (torch.stack(numerators) * world_size / total).mean()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:

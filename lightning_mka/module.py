@@ -233,7 +233,10 @@ class MKAModule(L.LightningModule):
             aligned = aligned_teacher_layers(len(student_states), self.teacher_plan())
             if len(teacher_states) <= max(aligned):
                 raise MKAError(f"the teacher has {len(teacher_states)} layers but the merge plan refers to layer {max(aligned)}; give the teacher the student was compressed from")
-            hidden = hidden_mse(student_states, [teacher_states[j] for j in aligned], mask)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            # Over ranks, the denominators are summed: the loss the ranks optimize together is one process's.
+            reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+            hidden = hidden_mse(student_states, [teacher_states[j] for j in aligned], mask, reduce, world)
             loss = loss + hp.hidden_weight * hidden
             self.log("train/hidden", hidden, batch_size=size, sync_dist=True)
         self.log("train/kd", kd, batch_size=size, sync_dist=True)

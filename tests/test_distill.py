@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_mka.callbacks import ExportCallback, MergeCallback
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.distillation import aligned_teacher_layers, kd_loss, warmup_cosine
+from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.merging import replay_plan
 from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
@@ -75,6 +75,29 @@ def test_kd_loss_is_zero_for_identical_models_and_refuses_bad_temperature():
     assert abs(kd.item()) < 1e-6 and ce is None
     with pytest.raises(ValueError, match="temperature must be > 0"):
         kd_loss(h, h, head, head, temperature=0.0)
+
+
+def test_hidden_mse_over_ranks_is_the_global_batch_ratio():
+    """Two ranks, each with half the batch: with the teacher's norms summed over ranks, the mean of the ranks' losses
+    (what data-parallel gradient averaging optimizes) and its gradient equal one process's on the whole batch; the ratio
+    per rank, averaged, does not."""
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 5, 8) * scale for scale in (1.0, 3.0)]
+    teacher[0][2:] *= 4.0  # the halves' norms differ: ratios per rank are not the global ratio
+    student = [(t + 0.3 * torch.randn_like(t)).requires_grad_(True) for t in teacher]
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[3, 2:] = False
+    whole = hidden_mse(student, teacher, mask)
+    (grad_whole,) = torch.autograd.grad(whole, student[0])
+    halves = [slice(0, 2), slice(2, 4)]
+    denominators = sum(torch.stack([t[h][mask[h]].pow(2).sum() for t in teacher]) for h in halves)
+    ranks = [hidden_mse([s[h] for s in student], [t[h] for t in teacher], mask[h], reduce=lambda _: denominators, world_size=2) for h in halves]
+    mean = sum(ranks) / 2
+    (grad_ranks,) = torch.autograd.grad(mean, student[0])
+    assert mean.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(grad_ranks, grad_whole, rtol=1e-5, atol=1e-8)
+    per_rank = sum(hidden_mse([s[h] for s in student], [t[h] for t in teacher], mask[h]) for h in halves) / 2
+    assert abs(per_rank.item() - whole.item()) > 1e-3 * whole.item()
 
 
 def test_plan_alignment_and_schedule():

@@ -20,8 +20,9 @@ from lightning_mka.module import MKAModule
 RUNNER = Path(__file__).with_name("fsdp_heal_run.py")
 
 
-def heal_run(out, model_dir, corpus, heldout, devices, batch_size):
-    proc = subprocess.run([sys.executable, str(RUNNER), str(model_dir), str(corpus), str(heldout), str(out), str(devices), str(batch_size)],
+def heal_run(out, model_dir, corpus, heldout, devices, batch_size, teacher=None):
+    extra = [] if teacher is None else ["float32", str(teacher)]
+    proc = subprocess.run([sys.executable, str(RUNNER), str(model_dir), str(corpus), str(heldout), str(out), str(devices), str(batch_size), *extra],
                           cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "losses.json").read_text()), load_file(out / "export" / "model.safetensors")
@@ -46,6 +47,49 @@ def test_fsdp_two_processes_heal_like_one(tmp_path, tiny_model_dir, tiny_corpus,
     differ = max(float((single_weights[k] - sharded_weights[k]).abs().max()) for k in dense)
     assert moved > 1e-3 and differ < 2e-5, (moved, differ)
     assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["export", "losses.json"]  # no temp dir left
+
+
+def merged_export(tiny_model_dir, out):
+    """The tiny model merged 6 -> 4 layers, saved like an export of this tool (weights, tokenizer, merge plan)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_mka.merging import replay_plan
+
+    plan = [{"pair": [2, 3], "operator": "average", "alpha": 0.5}, {"pair": [0, 1], "operator": "average", "alpha": 0.5}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    replay_plan(model, plan)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    (out / "mka_merge_plan.json").write_text(json.dumps({"steps": plan}))
+    return out
+
+
+def test_fsdp_distillation_heals_like_one_process_and_leaves_the_teacher_whole(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Heal a merged export (4 layers) from the dense teacher (6 layers) under FSDP: 2 ranks x 4 sequences against 1 x 8.
+    The teacher is held by each rank outside the FSDP wrapper, whole and frozen."""
+    student = merged_export(tiny_model_dir, tmp_path / "export-4L")
+    single, single_weights = heal_run(tmp_path / "single", student, tiny_corpus, tiny_heldout, 1, 8, teacher=tiny_model_dir)
+    sharded, sharded_weights = heal_run(tmp_path / "fsdp", student, tiny_corpus, tiny_heldout, 2, 4, teacher=tiny_model_dir)
+    assert sharded["world_size"] == 2 and sharded["wrapper"] == "FullyShardedDataParallel"
+    assert sharded["fsdp_units"] == 1 + 4  # the student's layers only: the teacher's 6 are not wrapped
+    assert len(single["losses"]) == len(sharded["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
+    assert single["losses"][-1] < single["losses"][0]
+    for name, value in single["metrics"].items():
+        assert sharded["metrics"][name] == pytest.approx(value, rel=1e-4), name
+    start = load_file(student / "model.safetensors")
+    assert sorted(sharded_weights) == sorted(single_weights) == sorted(start)
+    moved = max(float((single_weights[k] - start[k]).abs().max()) for k in start)
+    differ = max(float((single_weights[k] - sharded_weights[k]).abs().max()) for k in start)
+    assert moved > 1e-3 and differ < 2e-5, (moved, differ)
+    student_params = sum(v.numel() for v in start.values())
+    teacher_params = sum(v.numel() for v in load_file(tiny_model_dir / "model.safetensors").values())
+    for run in (single, sharded):
+        assert run["teacher_unwrapped"] and run["teacher_whole_and_identical"] and run["teacher_frozen"]
+        assert run["teacher_on_module_device"] and run["teacher_outside_module"]
+        assert run["teacher_params"] == teacher_params
+        # what the optimizer updates, summed over the ranks' shards: exactly the student, no teacher parameter
+        assert run["optimizer_params_all_ranks"] == student_params < teacher_params
 
 
 def test_cli_heals_an_export_under_fsdp_and_refuses_a_merge(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
