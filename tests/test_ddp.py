@@ -49,3 +49,28 @@ def test_parallel_pruned_across_world_sizes_same_plan_weights_within_tolerance(t
     worst = max(float(((weights["ddp"][k] - t).abs().max() / t.abs().max().clamp(min=1e-12))) for k, t in weights["single"].items())
     print(f"largest relative difference across world sizes: {worst:.3g}")
     assert worst <= 2e-3, worst
+
+
+def test_ddp_layerwise_disk_equals_single_process_layerwise(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """DDP with ``execution: layerwise, offload: disk``: each rank runs the model one layer at a time from the same
+    safetensors, spilling merged layers into its own temporary dir under the shared ``offload_dir``; the plan, the
+    metrics and the exported bytes equal one layer-wise process's (which equals the whole-model run:
+    tests/test_execution.py)."""
+    digests, plans, metrics, output = {}, {}, {}, {}
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    for name, extra in [("single", []), ("ddp", ddp)]:
+        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / f"export-{name}")
+        layerwise = ["--model.execution=layerwise", "--model.offload=disk", f"--model.offload_dir={tmp_path / f'scratch-{name}'}"]
+        proc = subprocess.run([sys.executable, "-m", "lightning_mka.cli", "validate", "--config", str(config), *layerwise, *extra],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        output[name] = proc.stdout + proc.stderr
+        digests[name] = hashlib.sha256((tmp_path / f"export-{name}" / "model.safetensors").read_bytes()).hexdigest()
+        plans[name] = json.loads((tmp_path / f"export-{name}" / "mka_merge_plan.json").read_text())
+        metrics[name] = json.loads((tmp_path / "results.json").read_text())["metrics_after"]
+        assert (tmp_path / f"scratch-{name}").is_dir()  # merged layers were spilled to disk: the disk-offload path ran
+    assert "Starting with 2 processes" in output["ddp"] and "Starting with 2 processes" not in output["single"]
+    assert len(plans["single"]["steps"]) == 3
+    assert plans["ddp"] == plans["single"]
+    assert digests["ddp"] == digests["single"]
+    assert metrics["ddp"] == metrics["single"]
