@@ -49,8 +49,8 @@ class MKAModule(L.LightningModule):
         teacher: a model source (asset, HF dir, .gguf) to distill from (implies ``distill``), e.g. the dense model
             when ``model`` is an already-compressed export. It must share the student's tokenizer and vocabulary.
             The teacher is frozen, in eval mode, never updated, and kept off the module's registered children: it is
-            not in ``parameters()``, the optimizer, the DDP wrapper or the checkpoint's ``state_dict`` (each DDP rank
-            holds its own copy).
+            not in ``parameters()``, the optimizer, the DDP / FSDP wrapper or the checkpoint's ``state_dict`` (each
+            rank holds its own whole copy; FSDP shards only the student).
         temperature: distillation temperature ``T`` (> 0); the loss is ``T^2 * KL(teacher || student)``.
         kd_weight, lm_weight: weights of the distillation and the LM (next-token cross-entropy) terms.
         hidden_weight: weight of a hidden-state term: relative MSE between every student layer's output and the output
