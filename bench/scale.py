@@ -200,12 +200,12 @@ def parallel_pruned_note(rows: list[dict], args) -> list[str]:
     hidden, inter = size[1], size[2]
     tokens = args.samples * args.seq_len
     layer_gb = (4 * hidden * hidden + 3 * hidden * inter) * 4 / 2**30  # Llama layer, GQA ignored: an upper bound
-    stats_gb = (tokens * 2 * inter * 4 + tokens * hidden * 4 + inter * inter * 4 + inter * hidden * 4 + 2 * inter * inter * 8) / 2**30
+    stats_gb = (tokens * 2 * inter * 4 + tokens * hidden * 4 + inter * inter * 4 + inter * hidden * 4 + inter * inter * 8) / 2**30
     return [
         f"`merge_operator: parallel_pruned` adds, per merge (nothing of it outlives the merge): the two original layers and their widened "
         f"layer (about 4 layers' weights; {widest['name']}: <= {4 * layer_gb:.2f} GB) and the pruning statistics: the widened `down_proj`'s "
         f"inputs ({tokens} tokens x 2 x {inter}) and refit targets, G_KK of the kept neurons ({inter}^2, float32), C_K ({inter} x {hidden}) "
-        f"and the two float64 {inter}^2 matrices of the solve: {stats_gb:.2f} GB for {widest['name']}.",
+        f"and the float64 {inter}^2 matrix of the solve (the Cholesky factor overwrites it): {stats_gb:.2f} GB for {widest['name']}.",
         "",
     ]
 

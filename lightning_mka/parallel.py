@@ -252,19 +252,25 @@ def top_units(scores: torch.Tensor, count: int) -> list[int]:
 def solve_refit(gram_kk: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """Ridge least squares in float64: W'^T = (G_KK + lambda I)^-1 rhs, lambda = ridge * mean diag(G_KK); returns W'.
 
-    Two float64 (K, K) matrices at most (the shifted copy and its Cholesky factor; 6.6 GB each for Llama-3-70B's
-    28,672 neurons): the ridge goes onto the copy's diagonal in place. A singular system (ridge 0) falls back to LU.
+    One float64 (K, K) matrix (6.6 GB for Llama-3-70B's 28,672 neurons): the ridge goes onto the copy's diagonal and
+    the Cholesky factor overwrites the copy's lower triangle in place (LAPACK's potrf is in place; ``cholesky_solve``
+    reads only the lower triangle), the same numbers as a separate factor for half the memory. A system that is not
+    positive definite (ridge 0, a dead neuron) is rebuilt from ``gram_kk`` and solved by LU.
     """
-    g = gram_kk.to(torch.float64, copy=True)
-    if g.numel():
-        g.diagonal().add_(ridge * float(g.diagonal().mean()))
+    def shifted() -> torch.Tensor:
+        g = gram_kk.to(torch.float64, copy=True)
+        if g.numel():
+            g.diagonal().add_(ridge * float(g.diagonal().mean()))
+        return g
+
+    g = shifted()
     rhs = rhs.to(device=g.device, dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(g)
+    info = torch.empty((), dtype=torch.int32, device=g.device)
+    torch.linalg.cholesky_ex(g, out=(g, info))
     if int(info) == 0:
-        del g
-        return torch.cholesky_solve(rhs, factor).T
-    del factor
-    return torch.linalg.solve(g, rhs).T
+        return torch.cholesky_solve(rhs, g).T
+    del g
+    return torch.linalg.solve(shifted(), rhs).T
 
 
 def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float, cross: torch.Tensor | None = None) -> torch.Tensor:

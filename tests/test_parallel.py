@@ -265,3 +265,17 @@ def test_kept_neuron_statistics_equal_the_full_gram_blocks_without_forming_it():
     # widened target: the same refit as slicing the full Gram (the old path), to float32 accumulation tolerance
     gram_kk, cross_k = kept_mlp_statistics(weight, inputs, None, keep)
     torch.testing.assert_close(solve_refit(gram_kk, cross_k, 1e-3), refit_output(weight, full.gram, keep, 1e-3), rtol=1e-3, atol=1e-4)
+
+
+def test_solve_refit_factors_in_place_and_falls_back_to_lu():
+    """The ridge solve holds one float64 (K, K) matrix: the Cholesky factor overwrites the shifted copy. Same answer
+    as a plain solve of (G + lambda I) W^T = rhs; an indefinite system (ridge 0) is rebuilt and solved by LU."""
+    torch.manual_seed(0)
+    x = torch.randn(60, 24, dtype=torch.float64)
+    gram = (x.T @ x).float()
+    rhs = torch.randn(24, 5, dtype=torch.float64)
+    shifted = gram.double() + 1e-2 * gram.double().diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(solve_refit(gram, rhs, 1e-2), torch.linalg.solve(shifted, rhs).T, rtol=1e-10, atol=1e-12)
+    indefinite = torch.diag(torch.tensor([3.0, -1.0, 2.0]))  # Cholesky fails at the second pivot, after overwriting
+    torch.testing.assert_close(solve_refit(indefinite, torch.ones(3, 2), 0.0), torch.tensor([[1 / 3, -1.0, 0.5]] * 2, dtype=torch.float64))
+    assert gram.dtype == torch.float32 and torch.equal(gram, (x.T @ x).float())  # the caller's statistics are untouched
