@@ -256,6 +256,9 @@ def write_outputs(rows: list[dict], args, out: Path) -> None:
         "memory-maps the safetensors: the weights are file-backed pages, counted in peak RSS but not in peak anon.",
         "",
         *(parallel_pruned_note(rows, args) if args.operator == "parallel_pruned" else []),
+        *(["The same bench with `merge_operator: parallel_pruned` (`--operator parallel_pruned --out "
+           "bench/results/scale-parallel-pruned`): [scale-parallel-pruned/scale.md](scale-parallel-pruned/scale.md).", ""]
+          if args.operator == "average" else []),
         "![peak RSS](scale.png)",
         "",
     ]
