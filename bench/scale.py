@@ -279,7 +279,7 @@ def write_outputs(rows: list[dict], args, out: Path) -> None:
         ax.annotate(r["name"], (p, r["layerwise"]["peak_rss_mb"] / 1024), textcoords="offset points", xytext=(4, -12), fontsize=7)
     ax.set_xlabel("parameters (B)")
     ax.set_ylabel("GB")
-    ax.set_title("MKA compression (25% of layers removed): peak memory")
+    ax.set_title(f"MKA compression ({args.operator}, 25% of layers removed): peak memory")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
