@@ -252,10 +252,11 @@ def top_units(scores: torch.Tensor, count: int) -> list[int]:
 def solve_refit(gram_kk: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """Ridge least squares in float64: W'^T = (G_KK + lambda I)^-1 rhs, lambda = ridge * mean diag(G_KK); returns W'.
 
-    One float64 (K, K) matrix (6.6 GB for Llama-3-70B's 28,672 neurons): the ridge goes onto the copy's diagonal and
-    the Cholesky factor overwrites the copy's lower triangle in place (LAPACK's potrf is in place; ``cholesky_solve``
-    reads only the lower triangle), the same numbers as a separate factor for half the memory. A system that is not
-    positive definite (ridge 0, a dead neuron) is rebuilt from ``gram_kk`` and solved by LU.
+    One float64 (K, K) matrix (6.6 GB for Llama-3-70B's 28,672 neurons): the ridge goes onto the copy's diagonal, the
+    Cholesky factor overwrites one triangle of the copy in place, and two triangular solves read it where it is
+    (``torch.linalg.cholesky`` of a row-major matrix and ``torch.cholesky_solve`` each make a column-major copy: a
+    second (K, K) matrix). Bit for bit the numbers of ``cholesky`` + ``cholesky_solve`` (``tests/test_parallel.py``).
+    A system that is not positive definite (ridge 0, a dead neuron) is rebuilt from ``gram_kk`` and solved by LU.
     """
     def shifted() -> torch.Tensor:
         g = gram_kk.to(torch.float64, copy=True)
@@ -266,9 +267,13 @@ def solve_refit(gram_kk: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch
     g = shifted()
     rhs = rhs.to(device=g.device, dtype=torch.float64)
     info = torch.empty((), dtype=torch.int32, device=g.device)
-    torch.linalg.cholesky_ex(g, out=(g, info))
+    # g is symmetric: its transpose view is the same matrix in column-major order, which LAPACK factors where it is
+    # (given ``g`` itself, torch factors a column-major working copy: a second (K, K) matrix).
+    factor = g.mT
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
     if int(info) == 0:
-        return torch.cholesky_solve(rhs, g).T
+        y = torch.linalg.solve_triangular(factor, rhs, upper=False)  # L y = rhs (the other triangle is never read)
+        return torch.linalg.solve_triangular(factor.mT, y, upper=True).T  # L^T x = y
     del g
     return torch.linalg.solve(shifted(), rhs).T
 
@@ -289,8 +294,9 @@ def refit_residual(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor
     """``sum ||y - W x||^2`` over the tokens from their statistics: ``sum ||y||^2 - 2 tr(W C) + tr(W G W^T)``
     (``gram`` = sum x x^T, ``cross`` = sum x y^T, both over the inputs ``W`` reads)."""
     w_t = weight.detach().double().T
-    gram, cross = gram.double().to(w_t.device), cross.double().to(w_t.device)
-    return max(0.0, target_sq - 2.0 * float((w_t * cross).sum()) + float((w_t * (gram @ w_t)).sum()))
+    fit = float((w_t * cross.double().to(w_t.device)).sum())
+    product = gram.double().to(w_t.device) @ w_t  # G's float64 copy lives only for the product (K x K: the big one)
+    return max(0.0, target_sq - 2.0 * fit + float((w_t * product).sum()))
 
 
 @torch.no_grad()

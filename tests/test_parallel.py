@@ -18,6 +18,7 @@ from lightning_mka.parallel import (
     prune_attention,
     prune_mlp,
     refit_output,
+    refit_residual,
     solve_refit,
     top_units,
 )
@@ -268,14 +269,24 @@ def test_kept_neuron_statistics_equal_the_full_gram_blocks_without_forming_it():
 
 
 def test_solve_refit_factors_in_place_and_falls_back_to_lu():
-    """The ridge solve holds one float64 (K, K) matrix: the Cholesky factor overwrites the shifted copy. Same answer
-    as a plain solve of (G + lambda I) W^T = rhs; an indefinite system (ridge 0) is rebuilt and solved by LU."""
+    """The ridge solve holds one float64 (K, K) matrix: the Cholesky factor overwrites the shifted copy and two
+    triangular solves read it in place. Bit for bit the numbers of a separate factor + ``cholesky_solve`` (which clones
+    the factor); an indefinite system (ridge 0) is rebuilt and solved by LU."""
     torch.manual_seed(0)
-    x = torch.randn(60, 24, dtype=torch.float64)
+    x = torch.randn(300, 200, dtype=torch.float64)
     gram = (x.T @ x).float()
-    rhs = torch.randn(24, 5, dtype=torch.float64)
-    shifted = gram.double() + 1e-2 * gram.double().diagonal().mean() * torch.eye(24, dtype=torch.float64)
-    torch.testing.assert_close(solve_refit(gram, rhs, 1e-2), torch.linalg.solve(shifted, rhs).T, rtol=1e-10, atol=1e-12)
+    rhs = torch.randn(200, 48, dtype=torch.float64)
+    shifted = gram.double()
+    shifted.diagonal().add_(1e-2 * float(shifted.diagonal().mean()))
+    assert torch.equal(solve_refit(gram, rhs, 1e-2), torch.cholesky_solve(rhs, torch.linalg.cholesky(shifted)).T)
+    torch.testing.assert_close(solve_refit(gram, rhs, 1e-2), torch.linalg.solve(shifted, rhs).T, rtol=1e-9, atol=1e-12)
     indefinite = torch.diag(torch.tensor([3.0, -1.0, 2.0]))  # Cholesky fails at the second pivot, after overwriting
     torch.testing.assert_close(solve_refit(indefinite, torch.ones(3, 2), 0.0), torch.tensor([[1 / 3, -1.0, 0.5]] * 2, dtype=torch.float64))
     assert gram.dtype == torch.float32 and torch.equal(gram, (x.T @ x).float())  # the caller's statistics are untouched
+
+
+def test_refit_residual_equals_the_residual_summed_over_tokens():
+    torch.manual_seed(0)
+    x, y, weight = torch.randn(50, 12, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 12)
+    direct = float((y - x @ weight.double().T).pow(2).sum())
+    assert refit_residual(weight, (x.T @ x).float(), (x.T @ y).float(), float(y.pow(2).sum())) == pytest.approx(direct, rel=1e-5)
