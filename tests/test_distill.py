@@ -142,6 +142,35 @@ def test_trainable_tail_updates_only_the_last_layers_norm_and_head(tiny_model_di
     assert not torch.equal(module.model.lm_head.weight, dense.lm_head.weight)
 
 
+@pytest.mark.parametrize("trainable", ["merged", "lora"])
+def test_distillation_trains_only_the_chosen_set_and_keeps_the_teacher(trainable, tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    from lightning_mka.finetuning import fold_lora, layers_next_to_merges
+
+    if trainable == "lora":
+        pytest.importorskip("peft")
+    merge = MergeCallback(target_layers=4, num_points=128, merges_per_validation=2)
+    module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, trainable=trainable, callbacks=[merge], hidden_weight=0.5)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in module.teacher.state_dict().items())
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    kd = [float(r["train/kd"]) for r in rows if r.get("train/kd")]
+    assert len(kd) == 12 and all(0 < v < 10 for v in kd)
+    student = module.model
+    fold_lora(student)  # a no-op without adapters
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    replay_plan(untrained, module.merge_plan)
+    pairs = list(zip(decoder_stack(student)[1], decoder_stack(untrained)[1]))
+    changed = [not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) for a, b in pairs]
+    assert torch.equal(student.get_input_embeddings().weight, untrained.get_input_embeddings().weight)
+    if trainable == "merged":
+        near = layers_next_to_merges(4, module.merge_plan)
+        assert 0 < len(near) < 4
+        assert changed == [i in near for i in range(4)]
+    else:  # adapters on the linear layers of every layer; norms are not LoRA targets
+        assert all(changed)
+        assert all(torch.equal(a.input_layernorm.weight, b.input_layernorm.weight) for a, b in pairs)
+
+
 def test_heal_an_export_from_the_dense_teacher_through_the_cli(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     compressed = tmp_path / "export"
     config = write_config(tmp_path / "compress.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, compressed)
