@@ -142,9 +142,11 @@ class MKAModule(L.LightningModule):
 
     # ---- forward / training ---------------------------------------------------------------------
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    @override
     def _apply(self, fn, recurse: bool = True):
         executor = executor_of(self.model) if "model" in self._modules else None
         if executor is not None and executor.layerwise:
@@ -167,6 +169,7 @@ class MKAModule(L.LightningModule):
         if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
             raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
 
+    @override
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
         if self.teacher is not None:
@@ -204,6 +207,7 @@ class MKAModule(L.LightningModule):
         """Fold LoRA adapters into the weights (before surgery and before export); no-op otherwise."""
         fold_lora(self.model)
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not any(p.requires_grad for p in self.model.parameters()):
             return None  # nothing to train yet (trainable: merged before the first merge): skip the step
@@ -241,6 +245,7 @@ class MKAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
 
+    @override
     def configure_optimizers(self):
         # Frozen parameters get no gradients and are skipped by the optimizer; it needs at least one parameter.
         params = [p for p in self.parameters() if p.requires_grad] or list(self.parameters())
@@ -315,15 +320,18 @@ class MKAModule(L.LightningModule):
             self.model.train(was_training)
         return self.last_metrics
 
+    @override
     def on_validation_epoch_start(self) -> None:
         loaders = self.trainer.val_dataloaders
         count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
         self._evaluator = self._new_evaluator(self._val_names(count))
 
+    @override
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self._evaluator is not None
         self._evaluator.step(self.model, batch, self._evaluator.names[dataloader_idx])
 
+    @override
     def on_validation_epoch_end(self) -> None:
         assert self._evaluator is not None
         metrics = self.last_metrics = self._evaluator.summary()
@@ -334,9 +342,11 @@ class MKAModule(L.LightningModule):
 
     # ---- checkpoints that survive structure changes --------------------------------------------
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the teacher is not in state_dict (not registered)
         checkpoint["mka_merge_plan"] = list(self.merge_plan)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning loads the module's state_dict before callbacks are restored: replay the merges first so the
         # strict load finds the same structure.
