@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
+from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model, load_model_executed, load_tokenizer, parse_dtype, resolve_model_source
 from lightning_mka.merging import replay_plan
@@ -404,12 +404,20 @@ def read_export_plan(source: str) -> list[dict]:
     except MKAError:
         return []
     path = Path(where) / "mka_merge_plan.json"
-    if extra or not path.is_file():
+    if extra or not path.exists():
         return []
-    try:
-        return list(json.loads(path.read_text()).get("steps", []))
-    except (OSError, ValueError):
-        return []
+    # A damaged plan is refused, not read as "no merges": distillation aligns the student's layers to the teacher's
+    # and ``trainable: merged`` picks the layers to train from it, so an empty plan would silently train wrongly.
+    value = read_json(path, "merge plan", "re-export the model (its mka_merge_plan.json lists the merges it holds)", _plan_problem)
+    return list(value["steps"])
+
+
+def _plan_problem(value: Any) -> str | None:
+    if not isinstance(value, dict) or not isinstance(value.get("steps"), list):
+        return "expected an object with a 'steps' list"
+    if not all(isinstance(step, dict) for step in value["steps"]):
+        return "a step is not an object"
+    return None
 
 
 def body_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer_outputs: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -266,3 +266,19 @@ def test_heal_recipes_name_real_options(name):
         cls = {"MergeCallback": MergeCallback, "ExportCallback": ExportCallback}[callback["class_path"].rsplit(".", 1)[1]]
         assert set(callback["init_args"]) <= set(inspect.signature(cls).parameters)
     assert config["model"].get("distill") or config["model"].get("teacher")
+
+
+@pytest.mark.parametrize("content", ['{"steps": [{"pair": [1, 2]}', "[1, 2]", '{"steps": 3}', ""])
+def test_a_damaged_merge_plan_in_an_export_is_refused_not_read_as_no_merges(tiny_model_dir, content):
+    """The export's plan aligns the teacher's layers and picks the layers next to merges: a damaged one must not
+    silently become "no merges"."""
+    from lightning_mka.errors import MKAError
+
+    (tiny_model_dir / "mka_merge_plan.json").write_text(content)
+    with pytest.raises(MKAError, match=r"merge plan .*mka_merge_plan\.json.*re-export the model"):
+        MKAModule(model=str(tiny_model_dir))
+
+
+def test_the_merge_plan_of_an_export_is_read(tiny_model_dir):
+    (tiny_model_dir / "mka_merge_plan.json").write_text(json.dumps({"steps": [{"step": 1, "pair": [3, 4]}]}))
+    assert MKAModule(model=str(tiny_model_dir)).source_plan == [{"step": 1, "pair": [3, 4]}]
