@@ -258,8 +258,8 @@ class MKAModule(L.LightningModule):
         hp = self.hparams
         if hp.lr_schedule == "constant" and not hp.warmup_steps:
             return optimizer
-        total = self._total_steps()
         cosine = hp.lr_schedule == "cosine"
+        total = self._total_steps() if cosine else 1
 
         def factor(_: int) -> float:
             # From the trainer's global step, so an optimizer rebuilt after a merge continues the same schedule.
@@ -270,14 +270,15 @@ class MKAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
+        """The run's training steps, over which ``lr_schedule: cosine`` decays (1 outside a trainer)."""
         trainer = self._trainer
         if trainer is None:
             return 1
-        try:
-            total = trainer.estimated_stepping_batches
-        except Exception:  # no train loader yet
-            return 1
-        return int(total) if total != float("inf") else 1
+        total = trainer.estimated_stepping_batches
+        if total == float("inf") or total < 1:  # no max_epochs / max_steps, or an iterable loader without max_steps
+            raise MKAError("lr_schedule: cosine decays over the run's training steps, and this run has no set length; "
+                           "set --trainer.max_steps or --trainer.max_epochs, or use lr_schedule: constant")
+        return int(total)
 
     # ---- evaluation -----------------------------------------------------------------------------
 

@@ -282,3 +282,19 @@ def test_a_damaged_merge_plan_in_an_export_is_refused_not_read_as_no_merges(tiny
 def test_the_merge_plan_of_an_export_is_read(tiny_model_dir):
     (tiny_model_dir / "mka_merge_plan.json").write_text(json.dumps({"steps": [{"step": 1, "pair": [3, 4]}]}))
     assert MKAModule(model=str(tiny_model_dir)).source_plan == [{"step": 1, "pair": [3, 4]}]
+
+
+def test_cosine_schedule_spans_the_run_and_refuses_a_run_without_a_length(tiny_model_dir):
+    """The cosine decay ends at the run's last step; a run with no set length is refused, not decayed over 1 step."""
+    from types import SimpleNamespace
+
+    from lightning_mka.errors import MKAError
+
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1.0, lr_schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20, global_step=12)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.55)  # halfway through the decay, not already at the floor
+    for total in (float("inf"), -1):  # max_epochs -1 and max_steps -1; an iterable loader without max_steps
+        module._trainer = SimpleNamespace(estimated_stepping_batches=total, global_step=0)
+        with pytest.raises(MKAError, match="lr_schedule: cosine .* no set length; set --trainer.max_steps"):
+            module.configure_optimizers()
