@@ -298,3 +298,13 @@ def test_cosine_schedule_spans_the_run_and_refuses_a_run_without_a_length(tiny_m
         module._trainer = SimpleNamespace(estimated_stepping_batches=total, global_step=0)
         with pytest.raises(MKAError, match="lr_schedule: cosine .* no set length; set --trainer.max_steps"):
             module.configure_optimizers()
+
+
+def test_export_callback_keeps_the_first_validation_across_a_resumed_fit(tmp_path):
+    """mka_heal.json's metrics_first_validation is the validation before training, also when the fit resumes from a
+    checkpoint (whose own first validation comes after the restored steps): it is part of the callback's state."""
+    before = ExportCallback(str(tmp_path / "healed"))
+    before._first = {"wiki_ppl": 31.5}
+    resumed = ExportCallback(str(tmp_path / "healed"))
+    resumed.load_state_dict(before.state_dict())
+    assert resumed._first == {"wiki_ppl": 31.5}
