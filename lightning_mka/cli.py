@@ -186,6 +186,7 @@ def _quiet_failed_writes_in_threads() -> None:
 
 def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signals.reset()  # no phase, resume hint or peer report left from an earlier run in this process
     signals.install()
     _quiet_failed_writes_in_threads()
     try:

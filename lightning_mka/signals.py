@@ -44,7 +44,11 @@ def set_resume_hint(**hint) -> None:
 
 
 def reset() -> None:
-    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None)
+    """A fresh state for a new run (the CLI calls it first: several runs may share one process, e.g. in tests)."""
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, reported=False)
+    for watch in _watches:
+        watch.stop()
+    _watches.clear()
 
 
 def _raise_stopped(signum, _frame) -> None:

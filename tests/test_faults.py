@@ -317,3 +317,23 @@ def test_truncated_checkpoint_is_refused_before_lightning_reads_it(tmp_path, tin
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last_line(proc) == (f"error: checkpoint {str(ckpt)!r} is truncated or not a torch checkpoint (File is not a zip file); "
                                "pass another checkpoint (e.g. an earlier epoch's), or drop --ckpt_path to start over")
+
+
+def test_each_cli_run_starts_with_a_fresh_stop_state(tmp_path):
+    """A run in a process that ran another (tests, notebooks) does not report the earlier run's phase, progress
+    file, checkpoint or peer failure when it stops."""
+    from lightning_mka import signals
+    from lightning_mka.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        signals.set_phase("merge 3")
+        signals.set_resume_hint(progress_file=tmp_path / "old.mka-progress.json", merges=2, checkpoint=str(tmp_path / "old.ckpt"))
+        signals._state["reported"] = True
+        assert main(["validate", "--config", str(tmp_path / "missing.yaml")]) == 2
+        assert signals.stop_message(signals.Stopped(signal.SIGTERM)) == (
+            "stopped by SIGTERM during start-up; no finished merge or epoch to keep; rerun the same command to resume")
+        assert signals.stop_watches() is False  # a peer failure of this run would be reported, not taken as said
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
