@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -92,6 +93,31 @@ def write_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 
         steps = torch.randint(-3, 4, (words,), generator=g).cumsum(0) % len(WORDS)
         lines.append(" ".join(WORDS[int(i)] for i in steps))
     path.write_text("\n\n".join(lines) + "\n")
+    return path
+
+
+def write_config(path: Path, model_dir, corpus, heldout, export_dir, data: dict | None = None, **merge) -> Path:
+    """A ``validate`` config: a MergeCallback (tiny-model defaults, overridden by ``merge``) over ``model_dir``, with
+    ``data`` overriding the datamodule's tiny defaults (the tests, bench/faults.py)."""
+    options = {"target_layers": 3, "num_points": 128, "export_dir": str(export_dir), **merge}
+    lines = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in options.items())
+    data = {"calibration": corpus, "calibration_samples": 8, "seq_len": 32, "eval_texts": [str(heldout)], "eval_samples": 2, **(data or {})}
+    data_lines = "\n".join(f"  {k}: {v if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in data.items())
+    path.write_text(
+        f"""seed_everything: 0
+trainer:
+  logger: false
+  enable_checkpointing: false
+  callbacks:
+    - class_path: lightning_mka.callbacks.MergeCallback
+      init_args:
+{lines}
+model:
+  model: {model_dir}
+data:
+{data_lines}
+"""
+    )
     return path
 
 

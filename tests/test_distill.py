@@ -10,8 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tiny_tokenizer
-from test_resume import write_config
+from conftest import tiny_model, tiny_tokenizer, write_config
 from transformers import AutoModelForCausalLM
 
 from lightning_mka.callbacks import ExportCallback, MergeCallback

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_tokenizer, write_config
 from lightning_mka.errors import MKAError
 from lightning_mka.files import check_checkpoint, check_gguf, check_model_dir, check_text_file, check_yaml_config, read_progress
 from lightning_mka.signals import clean_stale_temps
-from test_resume import write_config
 
 INJECT = Path(__file__).resolve().parents[1] / "bench" / "inject.py"
 PROGRESS = {

@@ -17,7 +17,7 @@ from lightning_mka.export import model_name, resolve_export_path
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import Progress, track
 from lightning_mka.reporting import comparison_table
-from test_resume import write_config
+from conftest import write_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
