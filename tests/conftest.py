@@ -70,6 +70,26 @@ def smollm2_dir() -> Path:
     return asset_path("smollm2-135m")
 
 
+def smollm2_merge(out: Path, target_layers: int, num_points: int, seq_len: int = 256, merge_callback: dict | None = None, **module_options):
+    """``validate`` SmolLM2 merged to ``target_layers`` (wiki calibration, 4 samples; 2 wiki evaluation samples, no
+    MMLU), exported to ``out/export``, logs in ``out/logs/version_0``. Returns the MKAModule."""
+    import lightning as L
+
+    from lightning_mka.callbacks import MergeCallback
+    from lightning_mka.datamodules import CalibrationDataModule
+    from lightning_mka.module import MKAModule
+
+    L.seed_everything(0)
+    module = MKAModule(model="smollm2-135m", **module_options)
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=seq_len, batch_size=4,
+                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
+    callback = MergeCallback(target_layers=target_layers, num_points=num_points, export_dir=str(out / "export"), **(merge_callback or {}))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=data)
+    return module
+
+
 WORDS = [f"w{i}" for i in range(120)]
 
 

@@ -8,7 +8,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import smollm2_merge, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from lightning_mka.callbacks import MergeCallback
@@ -241,14 +241,8 @@ def test_smollm2_layerwise_disk_equals_whole(tmp_path, smollm2_dir):
     outs = {}
     for name, execution, offload in (("whole", "whole", None), ("lw", "layerwise", "disk")):
         out = tmp_path / name
-        L.seed_everything(0)
-        module = MKAModule(model="smollm2-135m", execution=execution, offload=offload)
-        data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=128, batch_size=4,
-                                     eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
-        callback = MergeCallback(target_layers=28, num_points=256, merge_operator="parallel_pruned", export_dir=str(out / "export"))
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.validate(module, datamodule=data)
+        smollm2_merge(out, target_layers=28, num_points=256, seq_len=128, merge_callback={"merge_operator": "parallel_pruned"},
+                      execution=execution, offload=offload)
         log = out / "logs" / "version_0"
         outs[name] = (json.loads((log / "merge_plan.json").read_text())["steps"], json.loads((log / "results.json").read_text()))
     assert outs["lw"][0] == outs["whole"][0]
