@@ -185,7 +185,8 @@ def fixed_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     """Ask glibc to serve every allocation above ``threshold`` bytes with its own ``mmap`` (returned to the OS on
     free). By default glibc raises that threshold each time a large block is freed, after which layer-sized tensors
     come from the heap and a freed layer's memory stays in the process: loading one layer after another then grows
-    the RSS with the depth (measured: 1.20 GB instead of 0.71 GB peak for a 32-layer 0.43B model). A no-op elsewhere."""
+    the RSS with the depth (bench/results/scale.md, 32-layer 0.43B model, layer-wise + disk: 1.15 GB peak with
+    neither this nor ``malloc_trim``, 1.06 GB with this only, 0.73 GB with both). A no-op elsewhere."""
     import ctypes
     import ctypes.util
 
