@@ -55,7 +55,7 @@ def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
 def tail_parameters(model: nn.Module, layers: nn.ModuleList, count: int) -> list[nn.Parameter]:
     """The last ``count`` decoder layers, the final norm and the output head ("Reassessing Layer Pruning"). With tied
     embeddings the head's weight is the input embedding matrix, which then trains too."""
-    modules = list(layers)[len(layers) - count :] if count else []
+    modules = list(layers)[max(0, len(layers) - count) :] if count else []  # more than the depth: every layer
     base = getattr(model, "model", model)
     for extra in (getattr(base, "norm", None), model.get_output_embeddings()):
         if extra is not None:

@@ -307,3 +307,15 @@ def test_export_callback_keeps_the_first_validation_across_a_resumed_fit(tmp_pat
     resumed = ExportCallback(str(tmp_path / "healed"))
     resumed.load_state_dict(before.state_dict())
     assert resumed._first == {"wiki_ppl": 31.5}
+
+
+def test_tail_parameters_cover_every_layer_when_tail_layers_exceeds_the_depth():
+    """``tail_layers`` larger than the (merged) depth trains every layer, not a negative-index slice of the last ones."""
+    from lightning_mka.finetuning import tail_parameters
+
+    model = tiny_model("llama", layers=6)
+    layers = decoder_stack(model)[1]
+    chosen = {id(p) for p in tail_parameters(model, layers, 10)}
+    assert all(id(p) in chosen for p in layers.parameters())
+    assert {id(p) for p in tail_parameters(model, layers, 2)} >= {id(p) for layer in layers[4:] for p in layer.parameters()}
+    assert not {id(p) for p in tail_parameters(model, layers, 2)} & {id(p) for p in layers[3].parameters()}
