@@ -44,10 +44,14 @@ def current_origins(depth_before: int, plan: Iterable[dict]) -> list[list[int]]:
     return origins
 
 
+def depth_before(depth: int, plan: Iterable[dict]) -> int:
+    """The depth before the recorded merges (one layer each) and drops (``remove``) that left ``depth`` layers."""
+    return depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
+
+
 def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
     """Current indices of merged layers and their immediate neighbours."""
-    depth_before = depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
-    origins = current_origins(depth_before, plan)
+    origins = current_origins(depth_before(depth, plan), plan)
     merged = {i for i, o in enumerate(origins) if len(o) > 1}
     return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
 
