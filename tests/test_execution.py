@@ -129,6 +129,27 @@ def test_disk_offload_merges_stay_on_disk(tmp_path):
     assert all(x.device.type == "cpu" for layer_inputs in merger.collector.inputs for x in layer_inputs)
 
 
+def test_disk_offload_scratch_names_its_process_and_removes_a_killed_runs(tmp_path):
+    """A run killed by SIGKILL leaves its merged layers in the scratch dir; the next run's first spill removes them
+    (the owner is dead), never a live run's, and names its own dir after its process."""
+    import os
+
+    scratch = tmp_path / "scratch"
+    killed = scratch / "mka-offload-pid999999999-abc"  # no such process
+    killed.mkdir(parents=True)
+    (killed / "layer-0001.safetensors").write_bytes(b"\0" * 64)
+    live = scratch / f"mka-offload-pid{os.getppid()}-def"
+    live.mkdir()
+    model = _disk_model(tmp_path, layers=4)
+    layer = decoder_stack(model)[1][1]
+    executor = executor_of(model)
+    with executor.materialized(layer):
+        executor.spill(layer)
+    assert not killed.exists() and live.exists()
+    own = [p.name for p in scratch.iterdir() if p != live]
+    assert len(own) == 1 and own[0].startswith(f"mka-offload-pid{os.getpid()}-")
+
+
 def test_mmlu_scoring_is_routed(tmp_path):
     model = _disk_model(tmp_path, layers=4)
     reference = tiny_model("llama", layers=4)
