@@ -40,10 +40,12 @@ class MKAModule(L.LightningModule):
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
         trainable: which parameters fine-tuning updates: ``all`` | ``merged`` (only the decoder layers that came out
             of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
-            ``peft``, folded into the weights before every merge and at the end of ``fit``).
+            ``peft``, folded into the weights before every merge and at the end of ``fit``) | ``tail`` (see
+            ``tail_layers``).
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (``trainable: lora``).
         tail_layers: ``trainable: tail`` trains the last ``tail_layers`` decoder layers, the final norm and the output
-            head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head).
+            head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head); more than
+            the depth: every layer.
         distill: heal by knowledge distillation from a frozen teacher: the model as loaded, before any merge (one
             copy, made here), or ``teacher``. Without it, the training loss is the plain LM loss.
         teacher: a model source (asset, HF dir, .gguf) to distill from (implies ``distill``), e.g. the dense model
