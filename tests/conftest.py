@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,19 @@ import torch
 from repo_guard import repository_unchanged  # noqa: F401  (autouse, session: the suite leaves the repository as it was)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli(*args, cwd=None, env=None, timeout=600):
+    """``lightning-mka <args>`` in a fresh process: exit status and stderr as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(proc, expected):
+    """Exit status 2, no traceback, and a last line ``error: ...`` that contains ``expected``."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
 
 
 def tiny_config(kind: str = "llama", layers: int = 6, **overrides):

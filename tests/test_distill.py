@@ -3,14 +3,12 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tiny_tokenizer, write_config
+from conftest import assert_one_line_error, cli, tiny_model, tiny_tokenizer, write_config
 from transformers import AutoModelForCausalLM
 
 from lightning_mka.callbacks import ExportCallback, MergeCallback
@@ -19,10 +17,6 @@ from lightning_mka.distillation import aligned_teacher_layers, kd_loss, warmup_c
 from lightning_mka.merging import replay_plan
 from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
@@ -217,10 +211,7 @@ def test_ddp_distillation_equals_one_process(tmp_path, tiny_model_dir, tiny_corp
 
 
 def assert_refused(proc, expected, cwd):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+    assert_one_line_error(proc, expected)
     assert sorted(p.name for p in cwd.iterdir()) == [], "nothing may be written"
 
 

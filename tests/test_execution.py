@@ -2,13 +2,11 @@
 layer-wise path really holds one layer at a time."""
 
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import smollm2_merge, tiny_model, tiny_tokenizer
+from conftest import assert_one_line_error, cli, smollm2_merge, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from lightning_mka.callbacks import MergeCallback
@@ -180,17 +178,6 @@ def test_layerwise_refuses_fit(tmp_path):
     module = MKAModule(model=str(model_dir(tmp_path, "llama")), execution="layerwise")
     with pytest.raises(MKAError, match="fine-tuning needs the whole model"):
         module.setup("fit")
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(proc, expected):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
 
 
 def test_cli_unknown_offload(tmp_path):
