@@ -336,3 +336,29 @@ def test_each_cli_run_starts_with_a_fresh_stop_state(tmp_path):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def test_the_one_line_is_found_anywhere_in_the_exception_chain():
+    """The CLI's reporters walk ``__cause__`` / ``__context__`` (each exception once, cycles included)."""
+    from lightning_mka.cli import failed_write
+    from lightning_mka.errors import exception_chain, find_mka_error
+    from lightning_mka.signals import peer_failure
+
+    def chained(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as err:
+                raise RuntimeError("a library wrapped it") from err
+        except RuntimeError as outer:
+            return outer
+
+    assert str(find_mka_error(chained(MKAError("bad value; fix it")))) == "bad value; fix it"
+    line = failed_write(chained(OSError(errno.ENOSPC, "No space left on device", "/run/x.json")))
+    assert line.startswith("cannot write '/run/x.json' (No space left on device); free space")
+    cycle = RuntimeError("collective failed")
+    cycle.__context__ = ConnectionError("Connection reset by peer")
+    cycle.__context__.__context__ = cycle
+    assert len(list(exception_chain(cycle))) == 2
+    assert peer_failure(cycle).startswith("another DDP rank stopped (Connection reset by peer) during ")
+    assert failed_write(RuntimeError("unrelated")) is None and peer_failure(RuntimeError("unrelated")) is None
