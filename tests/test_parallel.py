@@ -265,3 +265,21 @@ def test_kept_neuron_statistics_equal_the_full_gram_blocks_without_forming_it():
     # widened target: the same refit as slicing the full Gram (the old path), to float32 accumulation tolerance
     gram_kk, cross_k = kept_mlp_statistics(weight, inputs, None, keep)
     torch.testing.assert_close(solve_refit(gram_kk, cross_k, 1e-3), refit_output(weight, full.gram, keep, 1e-3), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_pruning_math_runs_on_the_statistics_device_when_the_weights_rest_on_cpu():
+    """Layer-wise execution on a GPU: a merged layer's weights rest on CPU between forwards while the calibration
+    statistics are summed on the GPU; scoring and refitting must accept both (they failed with a device mismatch)."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 12)
+    x = torch.randn(50, 12, device="cuda")
+    gram = x.T @ x
+    keep = torch.arange(6)
+    torch.testing.assert_close(contribution_importance(weight, gram, 4).cpu(), contribution_importance(weight, gram.cpu(), 4))
+    torch.testing.assert_close(contribution_importance(weight, gram.diagonal(), 12).cpu(), contribution_importance(weight, gram.diagonal().cpu(), 12))
+    torch.testing.assert_close(refit_output(weight, gram, keep, 1e-3).cpu(), refit_output(weight, gram.cpu(), keep, 1e-3), rtol=1e-4, atol=1e-5)
+    g, c = kept_mlp_statistics(weight, [x], None, keep)
+    g_cpu, c_cpu = kept_mlp_statistics(weight, [x.cpu()], None, keep)
+    torch.testing.assert_close(g.cpu(), g_cpu, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(c.cpu(), c_cpu, rtol=1e-4, atol=1e-3)
