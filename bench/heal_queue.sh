@@ -25,13 +25,15 @@ if [[ $STAGE == 2 ]]; then
   C="--checkpoints 0 12 25 --lr 3e-4"
   KD="--loss kd --hidden-weight 1.0"
   # (this session: ours-k9-kd at 49 steps ran first, by hand, as ours-k9-kd-100k; tail-k9-kd-tail then ran from
-  # this list, which was re-ordered twice so that the teacher-samples probe is not the one cut by STOP_AT)
+  # this list, which was re-ordered three times as lock time ran short; angular k = 6 went before the teacher-samples lever because
+  # angular's k = 6 start beats ours on lee before healing, so it is the peer the k = 6 claim needs)
   run tail-k9-kd-tail --start tail --k 9 $KD --trainable tail $C
   run paper-k9-kd --start paper --k 9 $KD $C
   run angular-k9-kd --start angular --k 9 $KD $C
   run dense-lm --start dense --k 0 --loss lm $C
   run ours-k6-kd --start ours --k 6 $KD $C
   run shortgpt-k6-kd --start shortgpt --k 6 $KD $C
+  run angular-k6-kd --start angular --k 6 $KD $C
   # Lever: the dense model's own samples as training text. Pre-registered rule: teacher samples are used for an
   # evaluation row only if their probe has the lower geometric mean of the two held-aside perplexities (wiki
   # calibration-source tail, MMLU calibration split).
@@ -53,7 +55,6 @@ PYEOF
 )
   echo "training text chosen on held-aside: $T"
   if [[ $T == teacher ]]; then run ours-k9-kd-teacher --start ours --k 9 $KD $C --train-text teacher; fi
-  run angular-k6-kd --start angular --k 6 $KD $C
   run paper-k6-kd --start paper --k 6 $KD $C
   run tail-k6-kd-tail --start tail --k 6 $KD --trainable tail $C  # last: at k = 9 tail-only training was far behind (3188 / 14627)
   echo "$(date -u +%T) stage 2 done"
