@@ -58,7 +58,7 @@ class Workspace:
     """A tiny Llama, its calibration and held-out text, and configs, in a temp dir; or SmolLM2 on wiki."""
 
     def __init__(self, root: Path, kind: str) -> None:
-        from test_resume import write_config
+        from conftest import write_config
 
         self.root, self.kind = root, kind
         root.mkdir(parents=True, exist_ok=True)
@@ -73,33 +73,9 @@ class Workspace:
             self.write_config = lambda name, export, **merge: write_config(root / name, self.model, self.corpus, self.heldout, export, **merge)
         else:
             self.model = "smollm2-135m"
-
-            def smol(name, export, **merge):
-                options = {"target_layers": 27, "num_points": 256, "merge_operator": "parallel_pruned", "export_dir": str(export), **merge}
-                lines = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in options.items())
-                path = root / name
-                path.write_text(f"""seed_everything: 0
-trainer:
-  logger: false
-  enable_checkpointing: false
-  callbacks:
-    - class_path: lightning_mka.callbacks.MergeCallback
-      init_args:
-{lines}
-model:
-  model: smollm2-135m
-data:
-  calibration: wiki
-  calibration_samples: 8
-  seq_len: 256
-  batch_size: 4
-  eval_texts: [wiki]
-  eval_samples: 4
-  mmlu_per_topic: 0
-""")
-                return path
-
-            self.write_config = smol
+            smol_data = {"seq_len": 256, "batch_size": 4, "eval_samples": 4, "mmlu_per_topic": 0}
+            smol_merge = {"target_layers": 27, "num_points": 256, "merge_operator": "parallel_pruned"}
+            self.write_config = lambda name, export, **merge: write_config(root / name, self.model, "wiki", "wiki", export, data=smol_data, **{**smol_merge, **merge})
 
     def fresh(self, name: str) -> Path:
         """A clean run dir with its config (export inside it)."""

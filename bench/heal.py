@@ -105,16 +105,30 @@ def cmd_starts(args) -> None:
             print(f"ours k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
 
 
-def data_module(train_steps: int, heldaside: int = 0):
-    from lightning_mka.datamodules import CalibrationDataModule
+TEACHER_SAMPLES = CACHE / "teacher-samples.jsonl"
 
+
+def data_module(train_steps: int, heldaside: int = 0, train_text: str = "wiki"):
+    """Training sequences from the wiki calibration source (after the calibration ones) or from teacher samples.
+
+    Probes (``heldaside``) evaluate on two held-aside texts that no run trains or is evaluated on: the last
+    ``heldaside`` wiki calibration-source sequences (in domain) and the first 8 packed sequences of MMLU's
+    calibration-split questions (out of domain; MMLU's evaluation split is never read here).
+    """
+    from lightning_mka.datamodules import CalibrationDataModule
+    from lightning_mka.datamodules.calibration import pack_sequences
+    from lightning_mka.datamodules.sources import iter_texts
+
+    source = None if train_text == "wiki" else str(TEACHER_SAMPLES)
     data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=CAL, train_samples=train_steps * BATCH,
-                                 seq_len=SEQ, batch_size=BATCH, eval_texts=["wiki", "lee"], eval_samples=8)
+                                 train_text=source, seq_len=SEQ, batch_size=BATCH, eval_texts=["wiki", "lee"], eval_samples=8)
     data.prepare_data()
     data.setup()
+    assert len(data.train_ids) == train_steps * BATCH, f"{len(data.train_ids)} training sequences for {train_steps} steps"
     if heldaside:
-        data.eval_texts = ["heldaside"]
-        data.eval_ids = {"heldaside": heldaside_ids(data.tokenizer, heldaside, SEQ)}
+        data.eval_texts = ["heldaside", "heldaside_mmlu"]
+        data.eval_ids = {"heldaside": heldaside_ids(data.tokenizer, heldaside, SEQ),
+                         "heldaside_mmlu": pack_sequences(iter_texts("mmlu", "calibration"), data.tokenizer, SEQ, 8)}
         used = torch.cat([data.calibration_ids, data.train_ids])
         assert not any(torch.equal(a, b) for a in data.eval_ids["heldaside"] for b in used)
     return data
@@ -125,7 +139,7 @@ def dense_reference(data, heldaside: int) -> dict:
     from lightning_mka.evaluation import Evaluator
     from lightning_mka.loading import load_model
 
-    path = CACHE / f"dense-reference-{'heldaside%d' % heldaside if heldaside else 'eval'}.pt"
+    path = CACHE / f"dense-reference-{'heldaside%d-mmlu' % heldaside if heldaside else 'eval'}.pt"
     if path.exists():
         return torch.load(path)
     reference: dict = {}
@@ -157,7 +171,7 @@ def cmd_run(args) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     steps = max(args.checkpoints)
-    data = data_module(steps, args.heldaside)
+    data = data_module(steps, args.heldaside, args.train_text)
     dense = dense_reference(data, args.heldaside)
     source = DENSE if args.start == "dense" else str(start_dir(args.start, args.k))
     kd = args.loss == "kd"
@@ -165,11 +179,11 @@ def cmd_run(args) -> None:
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
-    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "")
+    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
-           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": TOKENS_PER_STEP,
+           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": TOKENS_PER_STEP, "train_text": args.train_text,
            "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
 
     def evaluate(step: int, seconds: float) -> None:
@@ -214,6 +228,20 @@ LABELS = {"ours": "ours: NPIB + parallel_pruned", "paper": "paper: NPIB + averag
           "tail": "tail", "dense": "dense fine-tuned (control)"}
 
 
+def cmd_sample(args) -> None:
+    """Unconditional samples of the dense model (seed 0, T = 1), the ``--train-text teacher`` training text."""
+    from lightning_mka.generation import main as sample_main
+
+    argv = ["--model", DENSE, "--out", str(TEACHER_SAMPLES), "--tokens", str(args.tokens), "--seq-len", str(SEQ), "--batch-size", str(args.batch_size), "--dtype", "bfloat16"]
+    if TEACHER_SAMPLES.exists():
+        print(f"{TEACHER_SAMPLES} exists; delete it to sample again")
+        return
+    tick = time.perf_counter()
+    code = sample_main(argv)
+    print(f"sampling took {time.perf_counter() - tick:.0f} s")
+    sys.exit(code)
+
+
 def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
@@ -225,27 +253,28 @@ def cmd_render(args) -> None:
     budgets = sorted({c["tokens"] for r in rows for c in r["checkpoints"]})
     if not rows:
         dense = {"wiki_ppl": float("nan"), "lee_ppl": float("nan")}
-    lines = ["| k | start | loss | trainable | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| 0 | dense | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
+    lines = ["| k | start | loss | trainable | train text | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| 0 | dense | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
     order = {"ours": 0, "paper": 1, "shortgpt": 2, "angular": 3, "tail": 4, "dense": 5}
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
                 f"| {r['k']} | {LABELS.get(r['start'], r['start'])} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
-                f"| {r['trainable']} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
+                f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
                 f"{fmt(c.get('lee_top1_agree'), '{:.3f}')} | {c['wiki_ppl'] / dense['wiki_ppl']:.2f} | {c['lee_ppl'] / dense['lee_ppl']:.2f} | {c['train_seconds']:.0f} |"
                 + ("" if r["complete"] or c is not r["checkpoints"][-1] else " (run incomplete)")
             )
     probes = load_store(RESULTS / "heal_probes.json")["rows"]
-    probe_lines = ["| probe | start | loss | trainable | lr | schedule | T | hidden w | tokens | held-aside ppl | held-aside top-1 agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    probe_lines = ["| probe | start | loss | trainable | train text | lr | schedule | T | hidden w | tokens | held-aside wiki ppl | held-aside wiki top-1 agree | held-aside MMLU-cal ppl |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in probes:
         for c in r["checkpoints"]:
-            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
-                               f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} |")
-    if probes:
-        d = probes[0]["dense"]
-        probe_lines.append(f"| dense (reference) | - | - | - | - | - | - | - | 0 | {d['heldaside_ppl']:.2f} | 1.000 |")
+            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
+                               f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} | "
+                               f"{fmt(c.get('heldaside_mmlu_ppl'))} |")
+    for d in {json.dumps(r["dense"], sort_keys=True): r["dense"] for r in probes}.values():
+        probe_lines.append(f"| dense (reference) | - | - | - | - | - | - | - | - | 0 | {d['heldaside_ppl']:.2f} | 1.000 | {fmt(d.get('heldaside_mmlu_ppl'))} |")
     held = int(probes[0]["dense"]["heldaside_tokens"] + 1) // SEQ if probes else 0
     text = (RESULTS / "heal_notes.md").read_text() if (RESULTS / "heal_notes.md").exists() else ""
     (RESULTS / "heal.md").write_text(
@@ -302,9 +331,14 @@ def main() -> None:
     run.add_argument("--heldaside", type=int, default=0, help="probe: evaluate on this many held-aside calibration-source sequences")
     run.add_argument("--name", default=None)
     run.add_argument("--threads", type=int, default=0)
+    run.add_argument("--train-text", choices=["wiki", "teacher"], default="wiki",
+                     help="wiki calibration-source text after the calibration sequences, or the dense model's own samples (bench/heal.py sample)")
+    sample = sub.add_parser("sample")
+    sample.add_argument("--tokens", type=int, default=49 * TOKENS_PER_STEP + 8 * SEQ)
+    sample.add_argument("--batch-size", type=int, default=32)
     sub.add_parser("render")
     args = parser.parse_args()
-    {"starts": cmd_starts, "run": cmd_run, "render": cmd_render}[args.cmd](args)
+    {"starts": cmd_starts, "run": cmd_run, "sample": cmd_sample, "render": cmd_render}[args.cmd](args)
 
 
 if __name__ == "__main__":

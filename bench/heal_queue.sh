@@ -5,18 +5,61 @@ set -u
 cd "$(dirname "$0")/.."
 PY="${PY:-/work/main/.venv/bin/python}"
 export PYTHONPATH="$PWD"
-STOP_AT="${STOP_AT:-00:43}"   # UTC; no new run starts after this
+STOP_AT="${STOP_AT:-00:43}"   # UTC (HH:MM, same day); no new run starts after this
+STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matrix at 51,200 tokens + teacher samples
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
-late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" && "$(date -u +%H)" == "00" ]]; }
+late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
 run() {  # run NAME ARGS...
   local name=$1; shift
+  if [[ -n "${SKIP:-}" && " $SKIP " == *" $name "* ]]; then echo "skip $name (done)"; return; fi
   if late; then echo "skip $name (past $STOP_AT)"; return; fi
   echo "$(date -u +%T) start $name"
   flock /work/bench.lock "$PY" bench/heal.py run --name "$name" "$@" > "$LOG/$name.log" 2>&1
   echo "$(date -u +%T) end $name rc=$?"
   "$PY" bench/heal.py render >/dev/null 2>&1 || true
 }
+if [[ $STAGE == 2 ]]; then
+  # Settings chosen in stage 1 (lr 3e-4, hidden_weight 1.0, KD won over LM for ours at k = 9). Every peer start gets
+  # the same 25 steps (51,200 tokens), optimizer, schedule and training text as ours-k9-kd / shortgpt-k9-kd.
+  C="--checkpoints 0 12 25 --lr 3e-4"
+  KD="--loss kd --hidden-weight 1.0"
+  # (this session: ours-k9-kd at 49 steps ran first, by hand, as ours-k9-kd-100k; tail-k9-kd-tail then ran from
+  # this list, which was re-ordered three times as lock time ran short; angular k = 6 went before the teacher-samples lever because
+  # angular's k = 6 start beats ours on lee before healing, so it is the peer the k = 6 claim needs)
+  run tail-k9-kd-tail --start tail --k 9 $KD --trainable tail $C
+  run paper-k9-kd --start paper --k 9 $KD $C
+  run angular-k9-kd --start angular --k 9 $KD $C
+  run dense-lm --start dense --k 0 --loss lm $C
+  run ours-k6-kd --start ours --k 6 $KD $C
+  run shortgpt-k6-kd --start shortgpt --k 6 $KD $C
+  run angular-k6-kd --start angular --k 6 $KD $C
+  # Lever: the dense model's own samples as training text. Pre-registered rule: teacher samples are used for an
+  # evaluation row only if their probe has the lower geometric mean of the two held-aside perplexities (wiki
+  # calibration-source tail, MMLU calibration split).
+  if ! late; then flock /work/bench.lock "$PY" bench/heal.py sample --tokens $((26 * 2048 + 4096)) > "$LOG/sample.log" 2>&1; fi
+  P="--heldaside 8 --start ours --k 9 $KD --lr 3e-4 --checkpoints 0 8"
+  run probe-kd-wiki-2 $P --train-text wiki
+  run probe-kd-teacher $P --train-text teacher
+  T=$("$PY" - <<'PYEOF'
+import json, math
+rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
+def score(n):
+    r = rows.get(n)
+    if not r or not r["complete"]:
+        return math.inf
+    c = r["checkpoints"][-1]
+    return math.sqrt(c["heldaside_ppl"] * c["heldaside_mmlu_ppl"])
+print("teacher" if score("probe-kd-teacher") < score("probe-kd-wiki-2") else "wiki")
+PYEOF
+)
+  echo "training text chosen on held-aside: $T"
+  if [[ $T == teacher ]]; then run ours-k9-kd-teacher --start ours --k 9 $KD $C --train-text teacher; fi
+  run paper-k6-kd --start paper --k 6 $KD $C
+  run tail-k6-kd-tail --start tail --k 6 $KD --trainable tail $C  # last: at k = 9 tail-only training was far behind (3188 / 14627)
+  echo "$(date -u +%T) stage 2 done"
+  exit 0
+fi
 PROBE="--heldaside 8 --start ours --k 9 --loss kd"   # 8 steps = 16,384 tokens each
 run probe-kd-lr3e-4 $PROBE --lr 3e-4 --checkpoints 0 8
 run probe-kd-lr1e-3 $PROBE --lr 1e-3 --checkpoints 8

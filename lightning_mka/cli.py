@@ -22,7 +22,7 @@ from lightning_mka import signals
 from lightning_mka.callbacks.fault_guard import FaultGuard
 from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.errors import MKAError, find_mka_error
+from lightning_mka.errors import MKAError, exception_chain, find_mka_error
 from lightning_mka.export import write_error_reason
 from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths, read_progress
 from lightning_mka.fsdp import FSDP_STRATEGY_NAMES, fsdp_strategy
@@ -157,14 +157,10 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFB
 
 def failed_write(error: BaseException) -> str | None:
     """A one-line description of a failed write (disk full, read-only...) behind ``error``, or None."""
-    seen = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(error):
         if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
             what = f"cannot write {current.filename!r}" if current.filename else "a write failed"
             return f"{what} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
-        current = current.__cause__ or current.__context__
     reason = write_error_reason(error)
     if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EROFS), os.strerror(errno.EDQUOT)):
         return f"a write failed ({reason}); free space or choose a writable directory, then rerun the same command to resume"
@@ -186,6 +182,7 @@ def _quiet_failed_writes_in_threads() -> None:
 
 def main(args: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signals.reset()  # no phase, resume hint or peer report left from an earlier run in this process
     signals.install()
     _quiet_failed_writes_in_threads()
     try:

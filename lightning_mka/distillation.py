@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mka.finetuning import current_origins
+from lightning_mka.finetuning import current_origins, depth_before
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # (N, H) final hidden states -> (N, V) logits
 
@@ -85,8 +85,7 @@ def kd_loss(
 def aligned_teacher_layers(student_depth: int, plan: list[dict]) -> list[int]:
     """For every current (student) layer, the original (teacher) layer whose output it should reproduce: the last
     original layer of its group (a merged pair ``l+m`` ends at ``m``; a kept layer is itself)."""
-    depth_before = student_depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
-    origins = current_origins(depth_before, plan)
+    origins = current_origins(depth_before(student_depth, plan), plan)
     if len(origins) != student_depth:
         raise ValueError(f"the plan leaves {len(origins)} layers but the student has {student_depth}")
     return [max(o) for o in origins]

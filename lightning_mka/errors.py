@@ -6,6 +6,8 @@ as ``error: <message>`` and exits with status 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class MKAError(ValueError):
     """Bad input or an unusable environment, reported as one line."""
@@ -19,14 +21,20 @@ class MKAError(ValueError):
         MKAError.last = self
 
 
-def find_mka_error(error: BaseException) -> MKAError | None:
-    """The MKAError behind ``error``: itself, one in its cause chain, or the last one raised if its text shows it."""
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what caused it (``__cause__``, else ``__context__``), and so on; each exception once."""
     seen = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def find_mka_error(error: BaseException) -> MKAError | None:
+    """The MKAError behind ``error``: itself, one in its cause chain, or the last one raised if its text shows it."""
+    for current in exception_chain(error):
         if isinstance(current, MKAError):
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
     last = MKAError.last
     return last if last is not None and str(last) in str(error) else None

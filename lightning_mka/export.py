@@ -71,12 +71,10 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_error_reason(err: BaseException) -> str:
     """A short reason for a failed write: ``No space left on device``, ``Read-only file system``..."""
-    import errno as errno_module
-
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     text = str(err)
-    for code in (errno_module.ENOSPC, errno_module.EROFS, errno_module.EACCES, errno_module.EDQUOT, errno_module.EFBIG, errno_module.EIO):
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EIO):
         if f"code: {code}," in text or os.strerror(code) in text:
             return os.strerror(code)
     return (text.strip().splitlines() or [type(err).__name__])[0][:200]
@@ -154,6 +152,8 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
                     raise
+        else:  # every attempt lost the race: never report an export that is not there
+            raise MKAError("another process kept moving the directory away while it was renamed into place")
     except Exception as err:  # OSError from Python writes, SafetensorError (Rust I/O) from the weights, MKAError from JSON
         shutil.rmtree(tmp, ignore_errors=True)
         reason = write_error_reason(err)

@@ -44,10 +44,14 @@ def current_origins(depth_before: int, plan: Iterable[dict]) -> list[list[int]]:
     return origins
 
 
+def depth_before(depth: int, plan: Iterable[dict]) -> int:
+    """The depth before the recorded merges (one layer each) and drops (``remove``) that left ``depth`` layers."""
+    return depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
+
+
 def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
     """Current indices of merged layers and their immediate neighbours."""
-    depth_before = depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
-    origins = current_origins(depth_before, plan)
+    origins = current_origins(depth_before(depth, plan), plan)
     merged = {i for i, o in enumerate(origins) if len(o) > 1}
     return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
 
@@ -55,7 +59,7 @@ def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
 def tail_parameters(model: nn.Module, layers: nn.ModuleList, count: int) -> list[nn.Parameter]:
     """The last ``count`` decoder layers, the final norm and the output head ("Reassessing Layer Pruning"). With tied
     embeddings the head's weight is the input embedding matrix, which then trains too."""
-    modules = list(layers)[len(layers) - count :] if count else []
+    modules = list(layers)[max(0, len(layers) - count) :] if count else []  # more than the depth: every layer
     base = getattr(model, "model", model)
     for extra in (getattr(base, "norm", None), model.get_output_embeddings()):
         if extra is not None:

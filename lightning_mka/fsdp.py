@@ -7,7 +7,8 @@ healed with ``fit --trainer.strategy fsdp``.
 
     lightning-mka validate --config configs/smollm2-135m-mka.yaml             # -> exports/smollm2-135m-mka-21L
     lightning-mka fit --config configs/smollm2-135m-mka-heal.yaml --model.model exports/smollm2-135m-mka-21L \\
-        --trainer.strategy fsdp --trainer.devices 8 --trainer.callbacks null
+        --trainer.strategy fsdp --trainer.devices 8 --trainer.callbacks null \\
+        --trainer.callbacks+ lightning_mka.callbacks.ExportCallback --trainer.callbacks.export_dir exports/smollm2-135m-mka-21L-healed
 
 ``fsdp_strategy`` wraps every decoder layer as its own FSDP unit (only one layer is gathered at a time);
 ``save_full_model`` gathers the full state dict (rank 0 only; offloaded to CPU from GPUs) and writes a ``save_pretrained``

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
+from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model, load_model_executed, load_tokenizer, parse_dtype, resolve_model_source
 from lightning_mka.merging import replay_plan
@@ -40,10 +40,12 @@ class MKAModule(L.LightningModule):
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
         trainable: which parameters fine-tuning updates: ``all`` | ``merged`` (only the decoder layers that came out
             of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
-            ``peft``, folded into the weights before every merge and at the end of ``fit``).
+            ``peft``, folded into the weights before every merge and at the end of ``fit``) | ``tail`` (see
+            ``tail_layers``).
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (``trainable: lora``).
         tail_layers: ``trainable: tail`` trains the last ``tail_layers`` decoder layers, the final norm and the output
-            head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head).
+            head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head); more than
+            the depth: every layer.
         distill: heal by knowledge distillation from a frozen teacher: the model as loaded, before any merge (one
             copy, made here), or ``teacher``. Without it, the training loss is the plain LM loss.
         teacher: a model source (asset, HF dir, .gguf) to distill from (implies ``distill``), e.g. the dense model
@@ -142,9 +144,11 @@ class MKAModule(L.LightningModule):
 
     # ---- forward / training ---------------------------------------------------------------------
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    @override
     def _apply(self, fn, recurse: bool = True):
         executor = executor_of(self.model) if "model" in self._modules else None
         if executor is not None and executor.layerwise:
@@ -167,6 +171,7 @@ class MKAModule(L.LightningModule):
         if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
             raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
 
+    @override
     def on_fit_start(self) -> None:
         self.model.train()  # loaded in eval mode for compression; fine-tuning trains it
         if self.teacher is not None:
@@ -204,6 +209,7 @@ class MKAModule(L.LightningModule):
         """Fold LoRA adapters into the weights (before surgery and before export); no-op otherwise."""
         fold_lora(self.model)
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if not any(p.requires_grad for p in self.model.parameters()):
             return None  # nothing to train yet (trainable: merged before the first merge): skip the step
@@ -244,6 +250,7 @@ class MKAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
 
+    @override
     def configure_optimizers(self):
         # Frozen parameters get no gradients and are skipped by the optimizer; it needs at least one parameter.
         params = [p for p in self.parameters() if p.requires_grad] or list(self.parameters())
@@ -256,8 +263,8 @@ class MKAModule(L.LightningModule):
         hp = self.hparams
         if hp.lr_schedule == "constant" and not hp.warmup_steps:
             return optimizer
-        total = self._total_steps()
         cosine = hp.lr_schedule == "cosine"
+        total = self._total_steps() if cosine else 1
 
         def factor(_: int) -> float:
             # From the trainer's global step, so an optimizer rebuilt after a merge continues the same schedule.
@@ -268,14 +275,15 @@ class MKAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
+        """The run's training steps, over which ``lr_schedule: cosine`` decays (1 outside a trainer)."""
         trainer = self._trainer
         if trainer is None:
             return 1
-        try:
-            total = trainer.estimated_stepping_batches
-        except Exception:  # no train loader yet
-            return 1
-        return int(total) if total != float("inf") else 1
+        total = trainer.estimated_stepping_batches
+        if total == float("inf") or total < 1:  # no max_epochs / max_steps, or an iterable loader without max_steps
+            raise MKAError("lr_schedule: cosine decays over the run's training steps, and this run has no set length; "
+                           "set --trainer.max_steps or --trainer.max_epochs, or use lr_schedule: constant")
+        return int(total)
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -318,15 +326,18 @@ class MKAModule(L.LightningModule):
             self.model.train(was_training)
         return self.last_metrics
 
+    @override
     def on_validation_epoch_start(self) -> None:
         loaders = self.trainer.val_dataloaders
         count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
         self._evaluator = self._new_evaluator(self._val_names(count))
 
+    @override
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self._evaluator is not None
         self._evaluator.step(self.model, batch, self._evaluator.names[dataloader_idx])
 
+    @override
     def on_validation_epoch_end(self) -> None:
         assert self._evaluator is not None
         metrics = self.last_metrics = self._evaluator.summary()
@@ -337,9 +348,11 @@ class MKAModule(L.LightningModule):
 
     # ---- checkpoints that survive structure changes --------------------------------------------
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the teacher is not in state_dict (not registered)
         checkpoint["mka_merge_plan"] = list(self.merge_plan)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning loads the module's state_dict before callbacks are restored: replay the merges first so the
         # strict load finds the same structure.
@@ -397,12 +410,20 @@ def read_export_plan(source: str) -> list[dict]:
     except MKAError:
         return []
     path = Path(where) / "mka_merge_plan.json"
-    if extra or not path.is_file():
+    if extra or not path.exists():
         return []
-    try:
-        return list(json.loads(path.read_text()).get("steps", []))
-    except (OSError, ValueError):
-        return []
+    # A damaged plan is refused, not read as "no merges": distillation aligns the student's layers to the teacher's
+    # and ``trainable: merged`` picks the layers to train from it, so an empty plan would silently train wrongly.
+    value = read_json(path, "merge plan", "re-export the model (its mka_merge_plan.json lists the merges it holds)", _plan_problem)
+    return list(value["steps"])
+
+
+def _plan_problem(value: Any) -> str | None:
+    if not isinstance(value, dict) or not isinstance(value.get("steps"), list):
+        return "expected an object with a 'steps' list"
+    if not all(isinstance(step, dict) for step in value["steps"]):
+        return "a step is not an object"
+    return None
 
 
 def body_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer_outputs: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

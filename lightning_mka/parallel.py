@@ -233,7 +233,7 @@ def contribution_importance(weight: torch.Tensor, gram: torch.Tensor, groups: in
     inputs' Gram matrix enter, so ``gram`` may be the full (in, in) matrix, its diagonal blocks (groups, size, size)
     or, for groups of one column, its diagonal (in,): for neurons the score is ||W_j||^2 G_jj, no (in, in) matrix.
     """
-    w = weight.detach().double()
+    w = weight.detach().to(gram.device, torch.float64)  # on the statistics' device (layer-wise: the weight rests on CPU)
     size = w.shape[1] // groups
     if gram.dim() == 1:
         assert size == 1, "a Gram diagonal scores single columns only"
@@ -286,7 +286,7 @@ def refit_output(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, r
     (G_KK + lambda I)^-1 cross_K. lambda = ridge * mean diag(G_KK).
     """
     keep = keep.to(gram.device)
-    rhs = gram[keep].double() @ weight.detach().double().T if cross is None else cross[keep]
+    rhs = gram[keep].double() @ weight.detach().to(gram.device, torch.float64).T if cross is None else cross[keep]
     return solve_refit(gram[keep][:, keep], rhs, ridge)
 
 
@@ -310,7 +310,7 @@ def kept_mlp_statistics(weight: torch.Tensor, down_inputs: list[torch.Tensor], t
     for i, x in enumerate(down_inputs):
         x = x.float()
         x_k = x[:, keep.to(x.device)]
-        y = (x @ weight.detach().float().T) if targets is None else targets[i].float()
+        y = (x @ weight.detach().to(x.device, torch.float32).T) if targets is None else targets[i].float()
         g, c = x_k.T @ x_k, x_k.T @ y
         gram = g if gram is None else gram + g
         cross = c if cross is None else cross + c

@@ -20,6 +20,8 @@ import sys
 import threading
 from pathlib import Path
 
+from lightning_mka.errors import exception_chain
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PEER_DIED_STATUS = 1
 _state: dict = {"phase": "start-up", "progress_file": None, "merges": 0, "checkpoint": None}
@@ -44,7 +46,11 @@ def set_resume_hint(**hint) -> None:
 
 
 def reset() -> None:
-    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None)
+    """A fresh state for a new run (the CLI calls it first: several runs may share one process, e.g. in tests)."""
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, reported=False)
+    for watch in _watches:
+        watch.stop()
+    _watches.clear()
 
 
 def _raise_stopped(signum, _frame) -> None:
@@ -155,17 +161,13 @@ PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken 
 
 def peer_failure(error: BaseException) -> str | None:
     """The one line for a collective that failed because another rank is gone, or None."""
-    seen = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(error):
         text = f"{type(current).__name__}: {current}"
         for marker in PEER_ERRORS:
             if marker in text:
                 reason = "Connection reset by peer" if "reset by peer" in text else marker
                 return (f"another DDP rank stopped ({reason}) during {_state['phase']}; this rank stops too; "
                         f"{saved_work()}; {rerun_hint()}")
-        current = current.__cause__ or current.__context__
     return None
 
 

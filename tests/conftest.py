@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,19 @@ import torch
 from repo_guard import repository_unchanged  # noqa: F401  (autouse, session: the suite leaves the repository as it was)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli(*args, cwd=None, env=None, timeout=600):
+    """``lightning-mka <args>`` in a fresh process: exit status and stderr as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(proc, expected):
+    """Exit status 2, no traceback, and a last line ``error: ...`` that contains ``expected``."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
 
 
 def tiny_config(kind: str = "llama", layers: int = 6, **overrides):
@@ -69,6 +85,26 @@ def smollm2_dir() -> Path:
     return asset_path("smollm2-135m")
 
 
+def smollm2_merge(out: Path, target_layers: int, num_points: int, seq_len: int = 256, merge_callback: dict | None = None, **module_options):
+    """``validate`` SmolLM2 merged to ``target_layers`` (wiki calibration, 4 samples; 2 wiki evaluation samples, no
+    MMLU), exported to ``out/export``, logs in ``out/logs/version_0``. Returns the MKAModule."""
+    import lightning as L
+
+    from lightning_mka.callbacks import MergeCallback
+    from lightning_mka.datamodules import CalibrationDataModule
+    from lightning_mka.module import MKAModule
+
+    L.seed_everything(0)
+    module = MKAModule(model="smollm2-135m", **module_options)
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=seq_len, batch_size=4,
+                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
+    callback = MergeCallback(target_layers=target_layers, num_points=num_points, export_dir=str(out / "export"), **(merge_callback or {}))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=data)
+    return module
+
+
 WORDS = [f"w{i}" for i in range(120)]
 
 
@@ -92,6 +128,31 @@ def write_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 
         steps = torch.randint(-3, 4, (words,), generator=g).cumsum(0) % len(WORDS)
         lines.append(" ".join(WORDS[int(i)] for i in steps))
     path.write_text("\n\n".join(lines) + "\n")
+    return path
+
+
+def write_config(path: Path, model_dir, corpus, heldout, export_dir, data: dict | None = None, **merge) -> Path:
+    """A ``validate`` config: a MergeCallback (tiny-model defaults, overridden by ``merge``) over ``model_dir``, with
+    ``data`` overriding the datamodule's tiny defaults (the tests, bench/faults.py)."""
+    options = {"target_layers": 3, "num_points": 128, "export_dir": str(export_dir), **merge}
+    lines = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in options.items())
+    data = {"calibration": corpus, "calibration_samples": 8, "seq_len": 32, "eval_texts": [str(heldout)], "eval_samples": 2, **(data or {})}
+    data_lines = "\n".join(f"  {k}: {v if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in data.items())
+    path.write_text(
+        f"""seed_everything: 0
+trainer:
+  logger: false
+  enable_checkpointing: false
+  callbacks:
+    - class_path: lightning_mka.callbacks.MergeCallback
+      init_args:
+{lines}
+model:
+  model: {model_dir}
+data:
+{data_lines}
+"""
+    )
     return path
 
 

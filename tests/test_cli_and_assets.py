@@ -2,25 +2,13 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import assert_one_line_error, cli
 
 from lightning_mka import assets
 from lightning_mka.errors import MKAError
 from lightning_mka.loading import resolve_model_source
-
-
-def cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-
-
-def assert_one_line_error(proc, expected):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
 
 
 def test_wrong_model_path(tmp_path):

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from test_resume import write_config
+from conftest import write_config
 
 
 def test_ddp_two_processes_equal_single_process(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):

@@ -3,15 +3,12 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tiny_tokenizer
-from test_resume import write_config
+from conftest import assert_one_line_error, cli, tiny_model, tiny_tokenizer, write_config
 from transformers import AutoModelForCausalLM
 
 from lightning_mka.callbacks import ExportCallback, MergeCallback
@@ -20,10 +17,6 @@ from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_lo
 from lightning_mka.merging import replay_plan
 from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
@@ -165,6 +158,35 @@ def test_trainable_tail_updates_only_the_last_layers_norm_and_head(tiny_model_di
     assert not torch.equal(module.model.lm_head.weight, dense.lm_head.weight)
 
 
+@pytest.mark.parametrize("trainable", ["merged", "lora"])
+def test_distillation_trains_only_the_chosen_set_and_keeps_the_teacher(trainable, tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    from lightning_mka.finetuning import fold_lora, layers_next_to_merges
+
+    if trainable == "lora":
+        pytest.importorskip("peft")
+    merge = MergeCallback(target_layers=4, num_points=128, merges_per_validation=2)
+    module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, trainable=trainable, callbacks=[merge], hidden_weight=0.5)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in module.teacher.state_dict().items())
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    kd = [float(r["train/kd"]) for r in rows if r.get("train/kd")]
+    assert len(kd) == 12 and all(0 < v < 10 for v in kd)
+    student = module.model
+    fold_lora(student)  # a no-op without adapters
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    replay_plan(untrained, module.merge_plan)
+    pairs = list(zip(decoder_stack(student)[1], decoder_stack(untrained)[1]))
+    changed = [not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) for a, b in pairs]
+    assert torch.equal(student.get_input_embeddings().weight, untrained.get_input_embeddings().weight)
+    if trainable == "merged":
+        near = layers_next_to_merges(4, module.merge_plan)
+        assert 0 < len(near) < 4
+        assert changed == [i in near for i in range(4)]
+    else:  # adapters on the linear layers of every layer; norms are not LoRA targets
+        assert all(changed)
+        assert all(torch.equal(a.input_layernorm.weight, b.input_layernorm.weight) for a, b in pairs)
+
+
 def test_heal_an_export_from_the_dense_teacher_through_the_cli(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     compressed = tmp_path / "export"
     config = write_config(tmp_path / "compress.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, compressed)
@@ -241,10 +263,7 @@ def test_ddp_distillation_equals_one_process(tmp_path, tiny_model_dir, tiny_corp
 
 
 def assert_refused(proc, expected, cwd):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+    assert_one_line_error(proc, expected)
     assert sorted(p.name for p in cwd.iterdir()) == [], "nothing may be written"
 
 
@@ -289,3 +308,57 @@ def test_heal_recipes_name_real_options(name):
         cls = {"MergeCallback": MergeCallback, "ExportCallback": ExportCallback}[callback["class_path"].rsplit(".", 1)[1]]
         assert set(callback["init_args"]) <= set(inspect.signature(cls).parameters)
     assert config["model"].get("distill") or config["model"].get("teacher")
+
+
+@pytest.mark.parametrize("content", ['{"steps": [{"pair": [1, 2]}', "[1, 2]", '{"steps": 3}', ""])
+def test_a_damaged_merge_plan_in_an_export_is_refused_not_read_as_no_merges(tiny_model_dir, content):
+    """The export's plan aligns the teacher's layers and picks the layers next to merges: a damaged one must not
+    silently become "no merges"."""
+    from lightning_mka.errors import MKAError
+
+    (tiny_model_dir / "mka_merge_plan.json").write_text(content)
+    with pytest.raises(MKAError, match=r"merge plan .*mka_merge_plan\.json.*re-export the model"):
+        MKAModule(model=str(tiny_model_dir))
+
+
+def test_the_merge_plan_of_an_export_is_read(tiny_model_dir):
+    (tiny_model_dir / "mka_merge_plan.json").write_text(json.dumps({"steps": [{"step": 1, "pair": [3, 4]}]}))
+    assert MKAModule(model=str(tiny_model_dir)).source_plan == [{"step": 1, "pair": [3, 4]}]
+
+
+def test_cosine_schedule_spans_the_run_and_refuses_a_run_without_a_length(tiny_model_dir):
+    """The cosine decay ends at the run's last step; a run with no set length is refused, not decayed over 1 step."""
+    from types import SimpleNamespace
+
+    from lightning_mka.errors import MKAError
+
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1.0, lr_schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20, global_step=12)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.55)  # halfway through the decay, not already at the floor
+    for total in (float("inf"), -1):  # max_epochs -1 and max_steps -1; an iterable loader without max_steps
+        module._trainer = SimpleNamespace(estimated_stepping_batches=total, global_step=0)
+        with pytest.raises(MKAError, match="lr_schedule: cosine .* no set length; set --trainer.max_steps"):
+            module.configure_optimizers()
+
+
+def test_export_callback_keeps_the_first_validation_across_a_resumed_fit(tmp_path):
+    """mka_heal.json's metrics_first_validation is the validation before training, also when the fit resumes from a
+    checkpoint (whose own first validation comes after the restored steps): it is part of the callback's state."""
+    before = ExportCallback(str(tmp_path / "healed"))
+    before._first = {"wiki_ppl": 31.5}
+    resumed = ExportCallback(str(tmp_path / "healed"))
+    resumed.load_state_dict(before.state_dict())
+    assert resumed._first == {"wiki_ppl": 31.5}
+
+
+def test_tail_parameters_cover_every_layer_when_tail_layers_exceeds_the_depth():
+    """``tail_layers`` larger than the (merged) depth trains every layer, not a negative-index slice of the last ones."""
+    from lightning_mka.finetuning import tail_parameters
+
+    model = tiny_model("llama", layers=6)
+    layers = decoder_stack(model)[1]
+    chosen = {id(p) for p in tail_parameters(model, layers, 10)}
+    assert all(id(p) in chosen for p in layers.parameters())
+    assert {id(p) for p in tail_parameters(model, layers, 2)} >= {id(p) for layer in layers[4:] for p in layer.parameters()}
+    assert not {id(p) for p in tail_parameters(model, layers, 2)} & {id(p) for p in layers[3].parameters()}

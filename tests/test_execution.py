@@ -2,13 +2,11 @@
 layer-wise path really holds one layer at a time."""
 
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import assert_one_line_error, cli, smollm2_merge, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from lightning_mka.callbacks import MergeCallback
@@ -129,6 +127,27 @@ def test_disk_offload_merges_stay_on_disk(tmp_path):
     assert all(x.device.type == "cpu" for layer_inputs in merger.collector.inputs for x in layer_inputs)
 
 
+def test_disk_offload_scratch_names_its_process_and_removes_a_killed_runs(tmp_path):
+    """A run killed by SIGKILL leaves its merged layers in the scratch dir; the next run's first spill removes them
+    (the owner is dead), never a live run's, and names its own dir after its process."""
+    import os
+
+    scratch = tmp_path / "scratch"
+    killed = scratch / "mka-offload-pid999999999-abc"  # no such process
+    killed.mkdir(parents=True)
+    (killed / "layer-0001.safetensors").write_bytes(b"\0" * 64)
+    live = scratch / f"mka-offload-pid{os.getppid()}-def"
+    live.mkdir()
+    model = _disk_model(tmp_path, layers=4)
+    layer = decoder_stack(model)[1][1]
+    executor = executor_of(model)
+    with executor.materialized(layer):
+        executor.spill(layer)
+    assert not killed.exists() and live.exists()
+    own = [p.name for p in scratch.iterdir() if p != live]
+    assert len(own) == 1 and own[0].startswith(f"mka-offload-pid{os.getpid()}-")
+
+
 def test_mmlu_scoring_is_routed(tmp_path):
     model = _disk_model(tmp_path, layers=4)
     reference = tiny_model("llama", layers=4)
@@ -159,17 +178,6 @@ def test_layerwise_refuses_fit(tmp_path):
     module = MKAModule(model=str(model_dir(tmp_path, "llama")), execution="layerwise")
     with pytest.raises(MKAError, match="fine-tuning needs the whole model"):
         module.setup("fit")
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(proc, expected):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
 
 
 def test_cli_unknown_offload(tmp_path):
@@ -241,14 +249,8 @@ def test_smollm2_layerwise_disk_equals_whole(tmp_path, smollm2_dir):
     outs = {}
     for name, execution, offload in (("whole", "whole", None), ("lw", "layerwise", "disk")):
         out = tmp_path / name
-        L.seed_everything(0)
-        module = MKAModule(model="smollm2-135m", execution=execution, offload=offload)
-        data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=128, batch_size=4,
-                                     eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
-        callback = MergeCallback(target_layers=28, num_points=256, merge_operator="parallel_pruned", export_dir=str(out / "export"))
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.validate(module, datamodule=data)
+        smollm2_merge(out, target_layers=28, num_points=256, seq_len=128, merge_callback={"merge_operator": "parallel_pruned"},
+                      execution=execution, offload=offload)
         log = out / "logs" / "version_0"
         outs[name] = (json.loads((log / "merge_plan.json").read_text())["steps"], json.loads((log / "results.json").read_text()))
     assert outs["lw"][0] == outs["whole"][0]

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_tokenizer, write_config
 from lightning_mka.errors import MKAError
 from lightning_mka.files import check_checkpoint, check_gguf, check_model_dir, check_text_file, check_yaml_config, read_progress
 from lightning_mka.signals import clean_stale_temps
-from test_resume import write_config
 
 INJECT = Path(__file__).resolve().parents[1] / "bench" / "inject.py"
 PROGRESS = {
@@ -317,3 +316,49 @@ def test_truncated_checkpoint_is_refused_before_lightning_reads_it(tmp_path, tin
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last_line(proc) == (f"error: checkpoint {str(ckpt)!r} is truncated or not a torch checkpoint (File is not a zip file); "
                                "pass another checkpoint (e.g. an earlier epoch's), or drop --ckpt_path to start over")
+
+
+def test_each_cli_run_starts_with_a_fresh_stop_state(tmp_path):
+    """A run in a process that ran another (tests, notebooks) does not report the earlier run's phase, progress
+    file, checkpoint or peer failure when it stops."""
+    from lightning_mka import signals
+    from lightning_mka.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        signals.set_phase("merge 3")
+        signals.set_resume_hint(progress_file=tmp_path / "old.mka-progress.json", merges=2, checkpoint=str(tmp_path / "old.ckpt"))
+        signals._state["reported"] = True
+        assert main(["validate", "--config", str(tmp_path / "missing.yaml")]) == 2
+        assert signals.stop_message(signals.Stopped(signal.SIGTERM)) == (
+            "stopped by SIGTERM during start-up; no finished merge or epoch to keep; rerun the same command to resume")
+        assert signals.stop_watches() is False  # a peer failure of this run would be reported, not taken as said
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_the_one_line_is_found_anywhere_in_the_exception_chain():
+    """The CLI's reporters walk ``__cause__`` / ``__context__`` (each exception once, cycles included)."""
+    from lightning_mka.cli import failed_write
+    from lightning_mka.errors import exception_chain, find_mka_error
+    from lightning_mka.signals import peer_failure
+
+    def chained(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as err:
+                raise RuntimeError("a library wrapped it") from err
+        except RuntimeError as outer:
+            return outer
+
+    assert str(find_mka_error(chained(MKAError("bad value; fix it")))) == "bad value; fix it"
+    line = failed_write(chained(OSError(errno.ENOSPC, "No space left on device", "/run/x.json")))
+    assert line.startswith("cannot write '/run/x.json' (No space left on device); free space")
+    cycle = RuntimeError("collective failed")
+    cycle.__context__ = ConnectionError("Connection reset by peer")
+    cycle.__context__.__context__ = cycle
+    assert len(list(exception_chain(cycle))) == 2
+    assert peer_failure(cycle).startswith("another DDP rank stopped (Connection reset by peer) during ")
+    assert failed_write(RuntimeError("unrelated")) is None and peer_failure(RuntimeError("unrelated")) is None

@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,13 +15,9 @@ from lightning_mka.export import model_name, resolve_export_path
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import Progress, track
 from lightning_mka.reporting import comparison_table
-from test_resume import write_config
+from conftest import cli, write_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def merge_args(config: Path) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli_and_assets import assert_one_line_error, cli
-from test_resume import write_config
+from conftest import write_config
 
 from lightning_mka.callbacks import MergeCallback, QuantizeCallback
 from lightning_mka.errors import MKAError

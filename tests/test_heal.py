@@ -7,7 +7,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from test_resume import write_config
+from conftest import write_config
 from transformers import AutoModelForCausalLM
 
 from lightning_mka.callbacks import MergeCallback

@@ -290,3 +290,21 @@ def test_refit_residual_equals_the_residual_summed_over_tokens():
     x, y, weight = torch.randn(50, 12, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 12)
     direct = float((y - x @ weight.double().T).pow(2).sum())
     assert refit_residual(weight, (x.T @ x).float(), (x.T @ y).float(), float(y.pow(2).sum())) == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_pruning_math_runs_on_the_statistics_device_when_the_weights_rest_on_cpu():
+    """Layer-wise execution on a GPU: a merged layer's weights rest on CPU between forwards while the calibration
+    statistics are summed on the GPU; scoring and refitting must accept both (they failed with a device mismatch)."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 12)
+    x = torch.randn(50, 12, device="cuda")
+    gram = x.T @ x
+    keep = torch.arange(6)
+    torch.testing.assert_close(contribution_importance(weight, gram, 4).cpu(), contribution_importance(weight, gram.cpu(), 4))
+    torch.testing.assert_close(contribution_importance(weight, gram.diagonal(), 12).cpu(), contribution_importance(weight, gram.diagonal().cpu(), 12))
+    torch.testing.assert_close(refit_output(weight, gram, keep, 1e-3).cpu(), refit_output(weight, gram.cpu(), keep, 1e-3), rtol=1e-4, atol=1e-5)
+    g, c = kept_mlp_statistics(weight, [x], None, keep)
+    g_cpu, c_cpu = kept_mlp_statistics(weight, [x.cpu()], None, keep)
+    torch.testing.assert_close(g.cpu(), g_cpu, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(c.cpu(), c_cpu, rtol=1e-4, atol=1e-3)

@@ -48,6 +48,23 @@ def test_export_replaces_atomically_when_overwriting(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
+def test_export_that_never_lands_is_an_error_not_a_silent_success(tmp_path, monkeypatch):
+    """When every rename into place loses a race (the target keeps vanishing), the export fails in one line and
+    leaves no temp dir; it never returns a path where nothing was written."""
+    target = tmp_path / "export"
+    real_replace = os.replace
+
+    def target_vanishes(src, dst):
+        if os.fspath(dst) == os.fspath(target):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fspath(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", target_vanishes)
+    with pytest.raises(MKAError, match="export to .* failed \\(another process kept moving the directory away"):
+        export_pretrained(tiny_model("llama", layers=2), tiny_tokenizer(), target)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_export_dir(tmp_path, monkeypatch):
     # (root ignores permission bits, so the check is driven through os.access)
     monkeypatch.setattr(os, "access", lambda path, mode: False)

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+from conftest import write_config
+
 KILLER = """
 import os, signal, sys
 from lightning_mka.callbacks.merge import MergeCallback
@@ -20,31 +22,6 @@ MergeCallback._write_progress = write_then_maybe_die
 from lightning_mka.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def write_config(path, model_dir, corpus, heldout, export_dir, **merge):
-    options = {"target_layers": 3, "num_points": 128, "export_dir": str(export_dir), **merge}
-    lines = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in options.items())
-    path.write_text(
-        f"""seed_everything: 0
-trainer:
-  logger: false
-  enable_checkpointing: false
-  callbacks:
-    - class_path: lightning_mka.callbacks.MergeCallback
-      init_args:
-{lines}
-model:
-  model: {model_dir}
-data:
-  calibration: {corpus}
-  calibration_samples: 8
-  seq_len: 32
-  eval_texts: [{heldout}]
-  eval_samples: 2
-"""
-    )
-    return path
 
 
 def run(config, cwd, kill_after=0):

