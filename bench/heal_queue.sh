@@ -37,7 +37,7 @@ if [[ $STAGE == 2 ]]; then
   # Lever: the dense model's own samples as training text. Pre-registered rule: teacher samples are used for an
   # evaluation row only if their probe has the lower geometric mean of the two held-aside perplexities (wiki
   # calibration-source tail, MMLU calibration split).
-  if ! late; then flock /work/bench.lock "$PY" bench/heal.py sample --tokens $((26 * 2048 + 4096)) > "$LOG/sample.log" 2>&1; fi
+  if ! late; then flock /work/bench.lock "$PY" bench/heal.py sample --tokens "${SAMPLE_TOKENS:-$((26 * 2048 + 4096))}" > "$LOG/sample.log" 2>&1; fi
   P="--heldaside 8 --start ours --k 9 $KD --lr 3e-4 --checkpoints 0 8"
   run probe-kd-wiki-2 $P --train-text wiki
   run probe-kd-teacher $P --train-text teacher
@@ -54,7 +54,7 @@ print("teacher" if score("probe-kd-teacher") < score("probe-kd-wiki-2") else "wi
 PYEOF
 )
   echo "training text chosen on held-aside: $T"
-  if [[ $T == teacher ]]; then run ours-k9-kd-teacher --start ours --k 9 $KD $C --train-text teacher; fi
+  if [[ $T == teacher && -z "${PROBE_ONLY:-}" ]]; then run ours-k9-kd-teacher --start ours --k 9 $KD $C --train-text teacher; fi
   run paper-k6-kd --start paper --k 6 $KD $C
   run tail-k6-kd-tail --start tail --k 6 $KD --trainable tail $C  # last: at k = 9 tail-only training was far behind (3188 / 14627)
   echo "$(date -u +%T) stage 2 done"
