@@ -293,7 +293,25 @@ def test_bad_teacher_and_temperature_are_one_line_errors(tmp_path, tiny_model_di
     assert_refused(cli(*base, "--model.teacher", str(tiny_model_dir), "--model.temperature", "-1", cwd=run), "temperature must be > 0", run)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml"])
+def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """ShortGPT's drop + KD in one fit (configs/smollm2-135m-shortgpt-distill.yaml): the plan-aligned hidden term
+    skips the dropped layers, the teacher stays whole, and the kept layers train."""
+    merge = MergeCallback(target_layers=4, method="shortgpt", num_points=128)
+    module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge], hidden_weight=1.0, max_epochs=2)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in module.teacher.state_dict().items())
+    assert len(decoder_stack(module.model)[1]) == 4
+    removed = module.merge_plan[0]["remove"]
+    kept = [i for i in range(6) if i not in removed]
+    assert aligned_teacher_layers(4, module.merge_plan) == kept
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
+    assert len(hidden) == 8 and all(v > 0 for v in hidden)
+    trained = decoder_stack(module.model)[1]
+    assert any(not torch.equal(a.mlp.down_proj.weight, decoder_stack(dense)[1][i].mlp.down_proj.weight) for a, i in zip(trained, kept))
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml", "smollm2-135m-shortgpt-distill.yaml"])
 def test_heal_recipes_name_real_options(name):
     """The shipped recipes only use MKAModule / callback / datamodule arguments that exist (no model is loaded)."""
     import inspect
