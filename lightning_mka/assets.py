@@ -364,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lightning_mka import signals
 
-    signals.install()
-    try:
+    def body() -> int:
         if args.command == "list":
             for asset in ASSETS.values():
                 print(f"{asset.name:14s} {asset.source.requirement:20s} {asset.description}")
@@ -374,12 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names or [n for n, a in ASSETS.items() if not a.on_demand]:
             print(f"{name}: {asset_path(name)}", flush=True)
         return 0
-    except MKAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except signals.Stopped as stopped:
-        print(f"error: stopped by {stopped} during {signals._state['phase']}; nothing half-written is kept; rerun the same command to go on", file=sys.stderr)
-        return signals.stop_status(stopped)
+
+    return signals.run_command(body)
 
 
 if __name__ == "__main__":

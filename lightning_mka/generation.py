@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lightning_mka import signals
 
-    signals.install()
-    try:
+    def body() -> int:
         out = Path(args.out).expanduser()
         if out.suffix != ".jsonl":
             raise MKAError(f"--out {args.out!r} must end in .jsonl (data.train_text reads JSON lines); e.g. --out samples.jsonl")
@@ -123,12 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl_atomic(texts, out)
         print(f"wrote {len(texts)} samples of {args.seq_len} tokens ({len(texts) * args.seq_len} tokens) to {out}", flush=True)
         return 0
-    except MKAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except signals.Stopped as stopped:
-        print(f"error: stopped by {stopped}; nothing half-written is kept; rerun the same command", file=sys.stderr)
-        return signals.stop_status(stopped)
+
+    return signals.run_command(body)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,22 @@ def stop_status(stopped: Stopped) -> int:
     return 128 + int(stopped.signum)
 
 
+def run_command(body) -> int:
+    """Run a small command's ``body()`` with the stop handlers installed: its return code, or ``error: ...`` on one
+    line and exit 2 for bad input (MKAError), or the stop status after SIGTERM / SIGINT (nothing half-written kept)."""
+    from lightning_mka.errors import MKAError
+
+    install()
+    try:
+        return body()
+    except MKAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Stopped as stopped:
+        print(f"error: stopped by {stopped} during {_state['phase']}; nothing half-written is kept; rerun the same command to go on", file=sys.stderr)
+        return stop_status(stopped)
+
+
 def _describe(returncode: int | None) -> str:
     if returncode is None:
         return "exited"
