@@ -31,6 +31,11 @@ def exception_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``error``'s text (its type name if it has none), cut to ``limit`` characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def find_mka_error(error: BaseException) -> MKAError | None:
     """The MKAError behind ``error``: itself, one in its cause chain, or the last one raised if its text shows it."""
     for current in exception_chain(error):

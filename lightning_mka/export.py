@@ -11,7 +11,7 @@ import string
 import tempfile
 from pathlib import Path
 
-from lightning_mka.errors import MKAError
+from lightning_mka.errors import MKAError, first_line
 from lightning_mka.signals import clean_stale_temps, set_phase
 from lightning_mka.execution import executor_of
 
@@ -77,7 +77,7 @@ def write_error_reason(err: BaseException) -> str:
     for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EIO):
         if f"code: {code}," in text or os.strerror(code) in text:
             return os.strerror(code)
-    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
+    return first_line(err)
 
 
 def temp_prefix(path: Path, kind: str = "tmp") -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_mka.errors import MKAError
+from lightning_mka.errors import MKAError, first_line
 
 PROGRESS_FIX = "delete it to start over, or set resume: false"
 TEXT_SNIFF_BYTES = 1 << 20  # bytes of a text file checked for binary content and encoding before it is streamed
@@ -177,8 +177,7 @@ def check_checkpoint(path: str | os.PathLike, model: str | None = None) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise MKAError(f"checkpoint {_name(path)} cannot be read ({type(err).__name__}: {first}); {CHECKPOINT_FIX}") from None
+        raise MKAError(f"checkpoint {_name(path)} cannot be read ({type(err).__name__}: {first_line(err)}); {CHECKPOINT_FIX}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise MKAError(f"checkpoint {_name(path)} has the wrong content (no Lightning 'state_dict'; a plain weights file?); {CHECKPOINT_FIX}")
     plan = checkpoint.get("mka_merge_plan", [])
@@ -262,8 +261,7 @@ def check_gguf(path: str | os.PathLike, fix: str = "download the .gguf file agai
     try:  # memory-mapped: parses the metadata and tensor table, checks every tensor lies inside the file
         GGUFReader(path)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise MKAError(f"GGUF file {_name(path)} is truncated or damaged ({first}); {fix}") from None
+        raise MKAError(f"GGUF file {_name(path)} is truncated or damaged ({first_line(err, 160)}); {fix}") from None
 
 
 def _config_problem(value: Any) -> str | None:

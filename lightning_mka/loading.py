@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lightning_mka.assets import ASSETS, MODEL_ASSETS, asset_path
-from lightning_mka.errors import MKAError
+from lightning_mka.errors import MKAError, first_line
 from lightning_mka.files import check_gguf, check_model_dir
 from lightning_mka.signals import set_phase
 
@@ -75,8 +75,7 @@ def load_model(source: str, dtype: str = "float32"):
     except MKAError:
         raise
     except Exception as err:  # corrupt files surface as OSError, SafetensorError, struct/gguf errors...
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first}); check that the files are complete, or re-export them") from None
+        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them") from None
     if getattr(model, "hf_quantizer", None) is not None and extra.get("gguf_file"):
         model.hf_quantizer = None  # GGUF is dequantized on load; the weights are plain floats
     model.eval()
@@ -110,7 +109,6 @@ def load_model_executed(source: str, dtype: str = "float32", execution: str = "w
     except MKAError:
         raise
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first}); check that the files are complete, or re-export them") from None
+        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them") from None
     LayerwiseExecutor(model, "disk", index, scratch_dir=offload_dir)
     return model

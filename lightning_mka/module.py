@@ -154,6 +154,12 @@ class MKAModule(L.LightningModule):
         if executor is not None and executor.layerwise:
             # Layer-wise: the weights stay where the executor keeps them (CPU / disk); Lightning moving the module
             # to the accelerator only sets the compute device the executor onloads each layer to.
+            # A cast (precision: *-true, .half()) cannot be applied to offloaded weights: refuse it rather than skip it.
+            weights = self.model.dtype
+            wanted = fn(torch.zeros(1, dtype=weights)).dtype
+            if wanted != weights:
+                raise MKAError(f"execution: layerwise keeps the weights where they are and cannot cast them from {str(weights)[6:]} to {str(wanted)[6:]}; "
+                               f"load them in that dtype with model.dtype: {str(wanted)[6:]} instead (and a '-mixed' or matching '-true' precision)")
             executor.device = self.device
             return self
         return super()._apply(fn, recurse)

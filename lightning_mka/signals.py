@@ -172,7 +172,10 @@ def stop_watches() -> bool:
     return bool(_state.get("reported"))
 
 
-PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL", "DistNetworkError", "DistBackendError")
+# Markers of a collective that failed because a peer went away. Backend names alone ("gloo", "NCCL") are not markers:
+# an NCCL out-of-memory or a gloo size mismatch is this rank's own error and must be reported as such.
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistNetworkError", "remote process exited",
+               "communicator was aborted", "collective operation timeout", "Timed out waiting")
 
 
 def peer_failure(error: BaseException) -> str | None:

@@ -180,6 +180,15 @@ def test_layerwise_refuses_fit(tmp_path):
         module.setup("fit")
 
 
+def test_layerwise_refuses_a_cast_it_cannot_apply(tmp_path):
+    """Moving a layer-wise module only sets the compute device; a dtype cast would be skipped silently, so it is refused."""
+    module = MKAModule(model=str(model_dir(tmp_path, "llama")), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
+    assert module.to("cpu") is module and module.to(torch.float32) is module  # no cast: accepted
+    with pytest.raises(MKAError, match="cannot cast them from float32 to bfloat16; load them in that dtype with model.dtype: bfloat16"):
+        module.to(torch.bfloat16)
+    assert module.model.dtype == torch.float32
+
+
 def test_cli_unknown_offload(tmp_path):
     path = model_dir(tmp_path, "llama")
     proc = cli("validate", "--model.model", str(path), "--model.execution", "layerwise", "--model.offload", "nvme", cwd=tmp_path)

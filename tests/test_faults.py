@@ -362,3 +362,8 @@ def test_the_one_line_is_found_anywhere_in_the_exception_chain():
     assert len(list(exception_chain(cycle))) == 2
     assert peer_failure(cycle).startswith("another DDP rank stopped (Connection reset by peer) during ")
     assert failed_write(RuntimeError("unrelated")) is None and peer_failure(RuntimeError("unrelated")) is None
+    # A backend's own failure is not a peer's: it must keep its own message.
+    assert peer_failure(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5")) is None
+    assert peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:446] op.preamble.length <= op.nbytes. 8 vs 4")) is None
+    gone = peer_failure(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv operation to complete"))
+    assert gone.startswith("another DDP rank stopped (Timed out waiting) during ")
