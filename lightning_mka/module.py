@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
@@ -183,6 +184,10 @@ class MKAModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
         self.configure_trainable()
+        if self._trainer is not None and self.hparams.trainable != "all" and any(p.requires_grad for p in self.model.parameters()):
+            # Lightning built the optimizer and the DDP wrapper before this hook, over every parameter: LoRA adapters
+            # are new parameters, and DDP waits for gradients of frozen ones. Build both again over the trainable set.
+            rebuild_for_training(self.trainer)
 
     # ---- which parameters train -----------------------------------------------------------------
 
@@ -369,6 +374,16 @@ class MKAModule(L.LightningModule):
             self.merge_plan = list(plan)
         if any(".lora_" in key for key in checkpoint.get("state_dict", {})) and not has_lora(self.model):
             self.configure_trainable()
+
+
+def rebuild_for_training(trainer: L.Trainer) -> None:
+    """After the trainable set or the structure changed mid-fit: the DDP wrapper and the optimizers still hold the old
+    parameters. Wrap the module again (every rank made the same change) and build its optimizers anew."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy.model = trainer.lightning_module  # the reducer's buckets name the old parameters
+        strategy.configure_ddp()
+    strategy.setup_optimizers(trainer)
 
 
 # ---- helpers (no Lightning state) ------------------------------------------------------------------------------

@@ -80,6 +80,31 @@ def test_lora_heals_through_adapters_and_folds_them(tiny_model_dir, tiny_corpus,
         torch.testing.assert_close(reloaded(ids).logits, module.model.eval()(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("trainable", ["lora", "tail"])
+def test_healing_without_a_merge_trains_exactly_the_chosen_set(trainable, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Healing an already compressed model (no MergeCallback): the optimizer holds the trainable set, LoRA adapters
+    included (they are created after Lightning built the first optimizer), and only that set changes."""
+    L.seed_everything(0)
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1e-2, trainable=trainable, tail_layers=1)
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=4, train_samples=8, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=2)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    training = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert training and optimized == {id(p) for p in module.model.parameters() if p.requires_grad}
+    after = module.model.state_dict()
+    changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}
+    if trainable == "lora":
+        assert has_lora(module.model) and all(".lora_" in n for n in training)
+        assert any(".lora_B" in k for k in changed)  # lora_B starts at zero: it moved, so the adapters trained
+        assert {k for k in changed if k in before} == set()  # base weights untouched
+    else:
+        assert changed and all(k.startswith(("model.layers.5.", "model.norm.", "lm_head.", "model.embed_tokens.")) for k in changed), changed
+
+
 def test_unknown_trainable_is_refused(tiny_model_dir):
     with pytest.raises(MKAError, match="unknown trainable 'some'"):
         MKAModule(model=str(tiny_model_dir), trainable="some")

@@ -12,7 +12,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
@@ -25,6 +24,7 @@ from lightning_mka.export import check_export_dir, export_placeholders, export_p
 from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
+from lightning_mka.module import rebuild_for_training
 from lightning_mka.planning import resolve_target
 from lightning_mka.progress import track
 from lightning_mka.replaceme import replace_block
@@ -417,13 +417,7 @@ class MergeCallback(Callback):
         """After surgery mid-fit: trainable flags, the DDP wrapper and the optimizers all point at deleted layers."""
         if hasattr(pl_module, "configure_trainable"):
             pl_module.configure_trainable()
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            # The reducer holds buckets of the old parameters: wrap the new structure again (parameters are
-            # identical on every rank, since every rank applied the same plan).
-            strategy.model = pl_module
-            strategy.configure_ddp()
-        strategy.setup_optimizers(trainer)
+        rebuild_for_training(trainer)
 
     def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule, budget: int | None) -> None:
         if self._merger is None:
