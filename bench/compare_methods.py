@@ -51,6 +51,7 @@ MKA_VARIANTS: dict[str, dict] = {
     "mka-parallel": {"merge_operator": "parallel"},  # depth only: keeps every parameter
     "mka-parallel-pruned": {"merge_operator": "parallel_pruned"},  # pruned back: same size as a drop
     "mka-parallel-pruned-widened": {"merge_operator": "parallel_pruned", "refit_target": "widened"},
+    "mka-parallel-pruned-norefit": {"merge_operator": "parallel_pruned", "prune_refit": False},  # importance pruning only
     "mka-parallel-pruned-verify": {"merge_operator": "parallel_pruned", "selection": "verify"},
     # parallel_pruned, or dropping either layer of the NPIB pair, whichever gives the lower calibration NLL
     "mka-parallel-pruned-search": {"merge_operator": "parallel_pruned", "alpha": "search"},

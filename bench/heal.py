@@ -14,7 +14,8 @@ Evaluation: held-out wiki articles and Lee (8 x 512 tokens each, fp32, top-1 agr
 with ``--heldaside N`` the last N calibration-source sequences (probes that choose learning rate, temperature,
 trainable set: never the evaluation split).
 
-Starts (k layers removed of 30): ``ours`` NPIB pairs + ``parallel_pruned`` (merged here once); ``paper`` the paper's
+Starts (k layers removed of 30): ``ours`` NPIB pairs + ``parallel_pruned`` (merged here once); ``norefit`` the same
+without the operator's least-squares refit; ``replaceme`` ReplaceMe's block and linear transform; ``paper`` the paper's
 average merge (its plan replayed from ``compare_methods.json``: pairs and alphas as recorded there, alphas rounded to
 0.01); ``shortgpt`` / ``angular`` / ``tail`` drop the layers ``compare_methods.json`` recorded for them (same
 calibration); ``dense`` (k=0) for the "dense fine-tuned on the same tokens" row.
@@ -68,6 +69,7 @@ def cmd_starts(args) -> None:
     from lightning_mka.export import export_pretrained
     from lightning_mka.loading import load_model, load_tokenizer
     from lightning_mka.merging import LayerMerger, replay_plan
+    from lightning_mka.replaceme import replace_block
     from lightning_mka.surgery import drop_layers
 
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,13 @@ def cmd_starts(args) -> None:
             drop_layers(model, remove)
             export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "remove": remove}]}})
             print(f"{method} k={k}: drop {remove}", flush=True)
+        out = start_dir("replaceme", k)
+        if not out.exists():  # ReplaceMe: the block compare_methods.json recorded, its linear transform fit on the same calibration
+            remove = next(r["plan"] for r in rows if r["method"] == "replaceme" and r["k"] == k)
+            model = load_model("smollm2-135m")
+            record = replace_block(model, remove[0], remove[-1] + 1, iter(data_module(0).calibration_dataloader()))
+            export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "method": "replaceme", "remove": remove, **record}]}})
+            print(f"replaceme k={k}: block {remove}", flush=True)
         out = start_dir("paper", k)
         if not out.exists():
             plan = original_to_current(next(r["plan"] for r in rows if r["method"] == "mka" and r["k"] == k))
@@ -90,25 +99,29 @@ def cmd_starts(args) -> None:
             replay_plan(model, plan)
             export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": plan}})
             print(f"paper k={k}: {plan}", flush=True)
-    todo = [k for k in sorted(args.ks) if not start_dir("ours", k).exists()]
-    if todo:
+    # ours = NPIB + parallel_pruned; norefit = the same operator without its least-squares refit (importance pruning
+    # only, the same size): the start that tells whether the refit on calibration text is what heals slowly.
+    for start, variant in (("ours", "mka-parallel-pruned"), ("norefit", "mka-parallel-pruned-norefit")):
+        todo = [k for k in sorted(args.ks) if not start_dir(start, k).exists()]
+        if not todo:
+            continue
         from compare_methods import mka_config
 
         data = data_module(0)
         model = load_model("smollm2-135m")
-        merger = LayerMerger(model, mka_config("mka-parallel-pruned", CAL), lambda: iter(data.calibration_dataloader()), torch.full((CAL,), SEQ))
+        merger = LayerMerger(model, mka_config(variant, CAL), lambda: iter(data.calibration_dataloader()), torch.full((CAL,), SEQ))
         tick = time.perf_counter()
         for k in todo:
             merger.merge_to(30 - k)
             plan = [s.to_json() for s in merger.plan]
-            export_pretrained(model, tokenizer, start_dir("ours", k), extra_files={"mka_merge_plan.json": {"steps": plan}})
-            print(f"ours k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
+            export_pretrained(model, tokenizer, start_dir(start, k), extra_files={"mka_merge_plan.json": {"steps": plan}})
+            print(f"{start} k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
 
 
 TEACHER_SAMPLES = CACHE / "teacher-samples.jsonl"
 
 
-def data_module(train_steps: int, heldaside: int = 0, train_text: str = "wiki"):
+def data_module(train_steps: int, heldaside: int = 0, train_text: str = "wiki", batch: int = BATCH):
     """Training sequences from the wiki calibration source (after the calibration ones) or from teacher samples.
 
     Probes (``heldaside``) evaluate on two held-aside texts that no run trains or is evaluated on: the last
@@ -120,11 +133,11 @@ def data_module(train_steps: int, heldaside: int = 0, train_text: str = "wiki"):
     from lightning_mka.datamodules.sources import iter_texts
 
     source = None if train_text == "wiki" else str(TEACHER_SAMPLES)
-    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=CAL, train_samples=train_steps * BATCH,
-                                 train_text=source, seq_len=SEQ, batch_size=BATCH, eval_texts=["wiki", "lee"], eval_samples=8)
+    data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=CAL, train_samples=train_steps * batch,
+                                 train_text=source, seq_len=SEQ, batch_size=batch, eval_texts=["wiki", "lee"], eval_samples=8)
     data.prepare_data()
     data.setup()
-    assert len(data.train_ids) == train_steps * BATCH, f"{len(data.train_ids)} training sequences for {train_steps} steps"
+    assert len(data.train_ids) == train_steps * batch, f"{len(data.train_ids)} training sequences for {train_steps} steps"
     if heldaside:
         data.eval_texts = ["heldaside", "heldaside_mmlu"]
         data.eval_ids = {"heldaside": heldaside_ids(data.tokenizer, heldaside, SEQ),
@@ -170,8 +183,13 @@ def cmd_run(args) -> None:
     from lightning_mka.module import MKAModule
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    steps = max(args.checkpoints)
-    data = data_module(steps, args.heldaside, args.train_text)
+    # Checkpoints count 2,048-token units whatever the batch, so rows with different batch sizes compare at equal tokens.
+    if args.batch_size < 1 or any(c * BATCH % args.batch_size for c in args.checkpoints):
+        sys.exit(f"error: --batch-size {args.batch_size} must divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
+    to_step = {c: c * BATCH // args.batch_size for c in args.checkpoints}
+    steps = max(to_step.values())
+    tokens_per_step = args.batch_size * SEQ
+    data = data_module(steps, args.heldaside, args.train_text, args.batch_size)
     dense = dense_reference(data, args.heldaside)
     source = DENSE if args.start == "dense" else str(start_dir(args.start, args.k))
     kd = args.loss == "kd"
@@ -179,11 +197,11 @@ def cmd_run(args) -> None:
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
-    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
+    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
-           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": TOKENS_PER_STEP, "train_text": args.train_text,
+           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
            "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
 
     def evaluate(step: int, seconds: float) -> None:
@@ -193,10 +211,10 @@ def cmd_run(args) -> None:
         tick = time.perf_counter()
         metrics = Evaluator(data.val_names, 1, dense["reference"], record_reference=False).run(model, data.val_dataloader())
         model.train(was)
-        row["checkpoints"].append({"step": step, "tokens": step * TOKENS_PER_STEP, "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - tick, 1), **metrics})
+        row["checkpoints"].append({"step": step, "tokens": step * tokens_per_step, "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - tick, 1), **metrics})
         row["complete"] = step >= steps
         save_row(out, row)
-        print(f"{name} step {step} ({step * TOKENS_PER_STEP} tokens, {seconds:.0f} s training): "
+        print(f"{name} step {step} ({step * tokens_per_step} tokens, {seconds:.0f} s training): "
               + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith(("_ppl", "_agree"))), flush=True)
 
     class Checkpoints(Callback):
@@ -213,7 +231,7 @@ def cmd_run(args) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.seconds += time.perf_counter() - self.tick
-            if trainer.global_step in args.checkpoints and trainer.global_step > 0:
+            if trainer.global_step in to_step.values() and trainer.global_step > 0:
                 evaluate(trainer.global_step, self.seconds)
 
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
@@ -224,8 +242,8 @@ def cmd_run(args) -> None:
 
 # ---- report -----------------------------------------------------------------------------------------------------
 
-LABELS = {"ours": "ours: NPIB + parallel_pruned", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT", "angular": "angular",
-          "tail": "tail", "dense": "dense fine-tuned (control)"}
+LABELS = {"ours": "ours: NPIB + parallel_pruned", "norefit": "NPIB + parallel_pruned without refit", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT",
+          "angular": "angular", "replaceme": "ReplaceMe", "tail": "tail", "dense": "dense fine-tuned (control)"}
 
 
 def cmd_sample(args) -> None:
@@ -256,7 +274,7 @@ def cmd_render(args) -> None:
     lines = ["| k | start | loss | trainable | train text | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| 0 | dense | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
-    order = {"ours": 0, "paper": 1, "shortgpt": 2, "angular": 3, "tail": 4, "dense": 5}
+    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "dense": 7}
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
@@ -327,7 +345,8 @@ def main() -> None:
     run.add_argument("--lm-weight", type=float, default=0.0)
     run.add_argument("--hidden-weight", type=float, default=0.0)
     run.add_argument("--precision", default="bf16-mixed")
-    run.add_argument("--checkpoints", nargs="+", type=int, default=[0, 12, 25, 49], help="optimizer steps (x 2048 tokens)")
+    run.add_argument("--checkpoints", nargs="+", type=int, default=[0, 12, 25, 49], help="token checkpoints, in units of 2,048 tokens")
+    run.add_argument("--batch-size", type=int, default=BATCH, help="sequences of 512 tokens per optimizer step (fewer: more steps for the same tokens)")
     run.add_argument("--heldaside", type=int, default=0, help="probe: evaluate on this many held-aside calibration-source sequences")
     run.add_argument("--name", default=None)
     run.add_argument("--threads", type=int, default=0)
