@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
-from lightning_mka.finetuning import check_trainable, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
+from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
 from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
@@ -127,6 +127,11 @@ class MKAModule(L.LightningModule):
             teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
             if student_vocab != teacher_vocab:
                 raise MKAError(f"teacher {source!r} has a vocabulary of {teacher_vocab} but the student has {student_vocab}; distill from a model with the same tokenizer")
+            implied, depth = depth_before(len(decoder_stack(self.model)[1]), self.source_plan), len(decoder_stack(teacher)[1])
+            if self.hparams.hidden_weight > 0 and implied != depth:
+                raise MKAError(f"hidden_weight > 0 aligns the student's layers to the teacher's, but teacher {source!r} has {depth} layers and the student "
+                               f"(with the {len(self.source_plan)} merges its mka_merge_plan.json lists) came from {implied}; "
+                               "give the teacher the student was compressed from, or set hidden_weight: 0")
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -247,9 +252,11 @@ class MKAModule(L.LightningModule):
         loss = hp.kd_weight * kd + hp.lm_weight * lm
         size = ids.shape[0]
         if want_states:
-            aligned = aligned_teacher_layers(len(student_states), self.teacher_plan())
-            if len(teacher_states) <= max(aligned):
-                raise MKAError(f"the teacher has {len(teacher_states)} layers but the merge plan refers to layer {max(aligned)}; give the teacher the student was compressed from")
+            plan = self.teacher_plan()
+            if depth_before(len(student_states), plan) != len(teacher_states):
+                raise MKAError(f"the teacher has {len(teacher_states)} layers but the student's merge plan starts from {depth_before(len(student_states), plan)}; "
+                               "give the teacher the student was compressed from")
+            aligned = aligned_teacher_layers(len(student_states), plan)
             world = self.trainer.world_size if self._trainer is not None else 1
             # Over ranks, the denominators are summed: the loss the ranks optimize together is one process's.
             reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None

@@ -293,6 +293,19 @@ def test_bad_teacher_and_temperature_are_one_line_errors(tmp_path, tiny_model_di
     assert_refused(cli(*base, "--model.teacher", str(tiny_model_dir), "--model.temperature", "-1", cwd=run), "temperature must be > 0", run)
 
 
+def test_a_teacher_of_another_depth_is_refused_when_layers_are_aligned(tmp_path, tiny_model_dir):
+    """The hidden-state term pairs each student layer with the teacher layer it came from (the export's merge plan):
+    a teacher of another depth has no such pairing. Logit-only KD needs none and is accepted."""
+    from lightning_mka.errors import MKAError
+
+    deeper = tmp_path / "deeper"
+    tiny_model("llama", layers=8).save_pretrained(deeper)
+    tiny_tokenizer().save_pretrained(deeper)
+    with pytest.raises(MKAError, match=r"teacher '.*deeper' has 8 layers and the student \(with the 0 merges its mka_merge_plan.json lists\) came from 6"):
+        MKAModule(model=str(tiny_model_dir), teacher=str(deeper), hidden_weight=1.0)
+    assert MKAModule(model=str(tiny_model_dir), teacher=str(deeper), hidden_weight=0.0).teacher is not None
+
+
 def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """ShortGPT's drop + KD in one fit (configs/smollm2-135m-shortgpt-distill.yaml): the plan-aligned hidden term
     skips the dropped layers, the teacher stays whole, and the kept layers train."""

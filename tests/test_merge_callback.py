@@ -30,6 +30,19 @@ def run_validate(model_dir, corpus, heldout, out, export=True, **merge_kwargs):
     return module, trainer
 
 
+def test_recompressing_an_export_records_every_merge_it_holds(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """6 -> 4 layers, exported; that export -> 3: the second export lists all three merges (distillation aligns its
+    layers to the dense teacher from this list), and the dense depth they imply is the original 6."""
+    from lightning_mka.finetuning import depth_before
+
+    run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", target_layers=4)
+    first = json.loads((tmp_path / "a" / "export" / "mka_merge_plan.json").read_text())["steps"]
+    module, _ = run_validate(tmp_path / "a" / "export", tiny_corpus, tiny_heldout, tmp_path / "b", target_layers=3)
+    second = json.loads((tmp_path / "b" / "export" / "mka_merge_plan.json").read_text())["steps"]
+    assert len(first) == 2 and len(second) == 3 and second[:2] == first
+    assert depth_before(3, second) == 6 and module.source_plan == first and second[2]["pair"] == list(module.merge_plan[0]["pair"])
+
+
 def test_validate_merges_to_target_and_writes_outputs(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     module, trainer = run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path)
     assert len(decoder_stack(module.model)[1]) == 3

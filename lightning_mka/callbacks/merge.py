@@ -580,7 +580,9 @@ class MergeCallback(Callback):
                     getattr(trainer.datamodule, "tokenizer", None),
                     self.export_dir,
                     overwrite=self.overwrite,
-                    extra_files={"mka_merge_plan.json": {"steps": plan}},
+                    # every merge the export holds (its source's too when re-compressing an export): distillation's layer
+                    # alignment and ``trainable: merged`` read it
+                    extra_files={"mka_merge_plan.json": {"steps": [*getattr(pl_module, "source_plan", []), *plan]}},
                 )
             write_json_atomic(out / "results.json", results)
             self._results = results
