@@ -123,6 +123,7 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     path = check_export_dir(export_dir, overwrite)
     set_phase(f"export to {path}")
     tmp = path.with_name(temp_prefix(path) + "new")
+    renaming = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path)))
@@ -135,6 +136,7 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
             write_json_atomic(tmp / name, data)
+        renaming = True  # from here on an MKAError already names the problem and its fix: it is not a failed write
         for attempt in range(3):  # another run may create the dir between the check and the rename
             try:
                 if path.exists():
@@ -153,9 +155,12 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
                     raise
         else:  # every attempt lost the race: never report an export that is not there
-            raise MKAError("another process kept moving the directory away while it was renamed into place")
+            raise MKAError(f"export to {str(path)!r} failed: another process kept moving the directory away while this one renamed its export into place; "
+                           "let one run write each export_dir, then rerun")
     except Exception as err:  # OSError from Python writes, SafetensorError (Rust I/O) from the weights, MKAError from JSON
         shutil.rmtree(tmp, ignore_errors=True)
+        if renaming and isinstance(err, MKAError):
+            raise
         reason = write_error_reason(err)
         raise MKAError(f"export to {str(path)!r} failed ({reason}); free space or choose another export_dir, nothing was changed there") from None
     except BaseException:

@@ -406,6 +406,9 @@ def check_distillation(model: str, teacher: str | None, temperature: float, kd_w
     for name, value in (("kd_weight", kd_weight), ("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
         if not isinstance(value, (int, float)) or value < 0:
             raise MKAError(f"{name} must be >= 0, got {value!r}")
+    if kd_weight == 0 and lm_weight == 0 and hidden_weight == 0:
+        raise MKAError("kd_weight, lm_weight and hidden_weight are all 0: the loss would be 0 and nothing would train; "
+                       "set kd_weight: 1.0 (logit distillation) or lm_weight: 1.0")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise MKAError(f"kd_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
     if lr_schedule not in LR_SCHEDULES:

@@ -274,7 +274,7 @@ def solve_refit(gram_kk: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch
     if int(info) == 0:
         y = torch.linalg.solve_triangular(factor, rhs, upper=False)  # L y = rhs (the other triangle is never read)
         return torch.linalg.solve_triangular(factor.mT, y, upper=True).T  # L^T x = y
-    del g
+    del g, factor  # factor is a view of g: both go before the LU path builds its own (K, K) matrix
     return torch.linalg.solve(shifted(), rhs).T
 
 

@@ -306,6 +306,25 @@ def test_a_teacher_of_another_depth_is_refused_when_layers_are_aligned(tmp_path,
     assert MKAModule(model=str(tiny_model_dir), teacher=str(deeper), hidden_weight=0.0).teacher is not None
 
 
+@pytest.mark.parametrize("override,message", [
+    ({"kd_weight": 0.0, "lm_weight": 0.0, "hidden_weight": 0.0}, "are all 0: the loss would be 0 and nothing would train"),
+    ({"lm_weight": -1.0}, "lm_weight must be >= 0, got -1.0"),
+    ({"chunk_tokens": 0}, "kd_chunk_tokens must be an integer >= 1, got 0"),
+    ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'; use one of constant, cosine"),
+    ({"warmup_steps": -2}, "warmup_steps must be an integer >= 0, got -2"),
+    ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\], got 1.5"),
+])
+def test_bad_training_settings_are_refused_before_loading(override, message):
+    from lightning_mka.errors import MKAError
+    from lightning_mka.module import check_distillation
+
+    settings = dict(model="unused", teacher=None, temperature=1.0, kd_weight=1.0, lm_weight=0.0, hidden_weight=0.0, chunk_tokens=1024,
+                    lr_schedule="constant", warmup_steps=0, min_lr_ratio=0.1)
+    with pytest.raises(MKAError, match=message):
+        check_distillation(**{**settings, **override})
+    check_distillation(**settings)  # the same settings without the bad one pass
+
+
 def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """ShortGPT's drop + KD in one fit (configs/smollm2-135m-shortgpt-distill.yaml): the plan-aligned hidden term
     skips the dropped layers, the teacher stays whole, and the kept layers train."""
@@ -381,6 +400,18 @@ def test_export_callback_keeps_the_first_validation_across_a_resumed_fit(tmp_pat
     resumed = ExportCallback(str(tmp_path / "healed"))
     resumed.load_state_dict(before.state_dict())
     assert resumed._first == {"wiki_ppl": 31.5}
+
+
+def test_export_callback_ignores_a_partial_sanity_check():
+    """Lightning's default sanity check runs 2 batches: not the whole validation the healed metrics are compared with."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(last_metrics={"wiki_ppl": 99.0})
+    callback = ExportCallback("unused-{layers}")
+    callback.on_validation_end(SimpleNamespace(sanity_checking=True, num_sanity_val_steps=2), module)
+    assert callback._first is None
+    callback.on_validation_end(SimpleNamespace(sanity_checking=True, num_sanity_val_steps=float("inf")), module)
+    assert callback._first == {"wiki_ppl": 99.0}
 
 
 def test_tail_parameters_cover_every_layer_when_tail_layers_exceeds_the_depth():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_cli_and_assets import assert_one_line_error, cli
 from conftest import write_config
 
-from lightning_mka.callbacks import MergeCallback, QuantizeCallback
+from lightning_mka.callbacks import LMEvalCallback, MergeCallback, QuantizeCallback
 from lightning_mka.errors import MKAError
 from lightning_mka.fsdp import decoder_layer_classes, fsdp_strategy, is_sharded
 from lightning_mka.module import MKAModule
@@ -133,6 +133,9 @@ def test_refusals_under_fsdp_without_processes(tiny_model_dir):
     with pytest.raises(MKAError, match=r"MergeCallback would drop \(shortgpt\) 6 -> 4 layers under FSDP.*`lightning-mka fit --model.model exports/tiny-llama-mka-4L --trainer.strategy fsdp`"):
         MergeCallback(target_layers=4, method="shortgpt").refuse_under_sharding(strategy, module)
     MergeCallback(target_layers=4).refuse_under_sharding("ddp", module)  # not sharded: merging is fine
+    with pytest.raises(MKAError, match="LMEvalCallback under FSDP: no rank holds the whole model"):
+        LMEvalCallback().refuse_under_sharding(strategy, module)
+    LMEvalCallback().refuse_under_sharding("ddp", module)
     pytest.importorskip("bitsandbytes")
     with pytest.raises(MKAError, match="QuantizeCallback under FSDP"):
         QuantizeCallback(modes=["int8"]).refuse_under_sharding(strategy, module)

@@ -206,3 +206,16 @@ def test_quantize_after_healing_in_fit(quant_model_dir, tiny_corpus, tiny_heldou
     name = f"{tiny_heldout}_ppl"
     assert results["float"]["metrics"][name] == module.last_metrics[name]  # the healed model's final validation
     assert name in results["nf4"]["metrics"] and (tmp_path / "healed-nf4" / "config.json").exists()
+
+
+def test_quantize_a_disk_offloaded_model_without_a_merge(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """No merge export to quantize from: the in-memory model is saved first, through the executor that holds its
+    weights on disk (the module's own tensors are placeholders)."""
+    module = MKAModule(model=str(quant_model_dir), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
+    data = CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=4, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    trainer(tmp_path, [QuantizeCallback(modes=["int8"])]).validate(module, datamodule=data)
+    results = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
+    name = f"{tiny_heldout}_ppl"
+    assert results["source"] == "in-memory model"
+    assert abs(results["int8"]["metrics"][name] - results["float"]["metrics"][name]) / results["float"]["metrics"][name] < 0.2

@@ -51,6 +51,8 @@ class ExportCallback(Callback):
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking and trainer.num_sanity_val_steps != float("inf"):
+            return  # a few sanity batches are not the whole validation the "after" metrics are compared with
         if self._first is None and getattr(pl_module, "last_metrics", None):
             self._first = dict(pl_module.last_metrics)
 

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.export import write_json_atomic
+from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.harness import LOCAL_MMLU, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
 
 
@@ -54,8 +55,15 @@ class LMEvalCallback(Callback):
 
         return next((cb for cb in trainer.callbacks if isinstance(cb, MergeCallback)), None)
 
+    def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
+        """Under FSDP no rank holds the whole model for the harness (rank 0 alone would step into all-gathers)."""
+        if is_sharded(strategy):
+            raise MKAError(f"LMEvalCallback under {sharding_name(strategy)}: no rank holds the whole model to evaluate; run lm-eval on the healed export "
+                           "in its own run, `lightning-mka validate --model.model <healed export>` with this LMEvalCallback")
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.refuse_under_sharding(trainer.strategy, pl_module)
         merge = self._merge_callback(trainer)
         if merge is not None and trainer.callbacks.index(merge) > trainer.callbacks.index(self):
             raise MKAError("LMEvalCallback measures the model after the MergeCallback's merges: put it after the MergeCallback in trainer.callbacks")

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import executor_of
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
@@ -131,7 +132,7 @@ class QuantizeCallback(Callback):
             temp = Path(tempfile.mkdtemp(prefix="mka-quantize-")) if trainer.is_global_zero else None
             temp = trainer.strategy.broadcast(temp, src=0)
             if trainer.is_global_zero:
-                pl_module.model.save_pretrained(temp)
+                executor_of(pl_module.model).save_pretrained(temp)  # offload: disk streams the weights from where they are
             trainer.strategy.barrier("mka_quantize_source")
             source = temp
         else:
