@@ -486,6 +486,12 @@ class LayerwiseExecutor(WholeExecutor):
             unit.disk[(owner, pname)] = (index, key, meta)
             if unit.pins == 0:
                 owner._parameters[pname] = meta
+        # Spills no layer of the model reads any more (merged again, or merged away) are removed: a 70B run going
+        # 80 -> 56 layers would otherwise keep every intermediate merge (1.7 GB each). Open handles still read them.
+        live = {f for m in self.model.modules() if (u := _unit_of(m)) is not None and u.disk for index, _k, _m in u.disk.values() for f in index.files}
+        for old in Path(self._scratch).glob("layer-*.safetensors"):
+            if old not in live:
+                old.unlink(missing_ok=True)
 
     # ---- export ---------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from lightning_mka.callbacks import MergeCallback
 from lightning_mka.datamodules import CalibrationDataModule
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import continuation_logprobs
-from lightning_mka.execution import LayerwiseExecutor, SafetensorsIndex, check_execution, executor_of, write_safetensors
+from lightning_mka.execution import LayerwiseExecutor, SafetensorsIndex, _unit_of, check_execution, executor_of, write_safetensors
+from lightning_mka.finetuning import current_origins
 from lightning_mka.loading import load_model_executed
 from lightning_mka.merging import LayerMerger, MergeConfig
 from lightning_mka.module import MKAModule
@@ -120,10 +121,14 @@ def test_disk_offload_merges_stay_on_disk(tmp_path):
     batches = [{"input_ids": torch.randint(4, 120, (4, 24)), "attention_mask": torch.ones(4, 24, dtype=torch.long), "index": torch.arange(4) + 4 * b} for b in range(2)]
     config = MergeConfig(points=PointSpec(num_points=64), merge_operator="parallel_pruned")
     merger = LayerMerger(model, config, lambda: batches, torch.full((8,), 24))
-    merger.merge_to(4)
+    merger.merge_to(3)
     executor = executor_of(model)
     assert executor.materialized_bytes() == 0  # merged layers live in the scratch dir, not in memory
-    assert len(list((tmp_path / "scratch").rglob("*.safetensors"))) == 2
+    on_disk = set((tmp_path / "scratch").rglob("*.safetensors"))
+    live = {f for layer in decoder_stack(model)[1] if _unit_of(layer).disk for index, _k, _m in _unit_of(layer).disk.values() for f in index.files}
+    assert on_disk == {f for f in live if f.parent.parent == tmp_path / "scratch"}  # no superseded spill is left behind
+    groups = current_origins(6, [s.to_json() for s in merger.plan])
+    assert len(on_disk) == sum(len(g) > 1 for g in groups), (groups, on_disk)  # one file per merged layer alive
     assert all(x.device.type == "cpu" for layer_inputs in merger.collector.inputs for x in layer_inputs)
 
 
