@@ -251,6 +251,7 @@ class WholeExecutor:
         self.model.save_pretrained(directory)
 
     def materialized_bytes(self) -> int:
+        """Bytes of parameters that are real tensors right now (not ``meta``; ``parameters()`` lists tied ones once)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
 
 
@@ -530,16 +531,6 @@ class LayerwiseExecutor(WholeExecutor):
         names = {n for n, _ in self.model.named_parameters()}
         return [n for n, _ in self.model.named_parameters(remove_duplicate=False) if n not in names]
 
-    def materialized_bytes(self) -> int:
-        """Bytes of parameters that are real tensors right now (not ``meta``)."""
-        seen = set()
-        total = 0
-        for p in self.model.parameters():
-            if id(p) not in seen and p.device.type != "meta":
-                seen.add(id(p))
-                total += p.numel() * p.element_size()
-        return total
-
     def cache(self, tensor: torch.Tensor) -> torch.Tensor:
         """Cached layer inputs live on CPU, one chunk per calibration batch."""
         return tensor.detach().to("cpu", copy=True)
@@ -563,7 +554,4 @@ def executor_of(model: nn.Module) -> WholeExecutor:
 
 def compute_device(model: nn.Module) -> torch.device:
     """Where inputs go: the executor's device (layer-wise), else the device of the model's parameters."""
-    executor = getattr(model, "_mka_executor", None)
-    if executor is not None:
-        return executor.device
-    return next(model.parameters()).device
+    return executor_of(model).device

@@ -287,7 +287,7 @@ class MKAModule(L.LightningModule):
         def factor(_: int) -> float:
             # From the trainer's global step, so an optimizer rebuilt after a merge continues the same schedule.
             step = self.trainer.global_step if self._trainer is not None else 0
-            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio) if cosine else min(1.0, (step + 1) / (hp.warmup_steps + 1))
+            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio if cosine else 1.0)  # ratio 1: warmup, then constant
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -96,3 +96,9 @@ def test_train_text_feeds_training_and_leaves_calibration_unchanged(tmp_path, ti
     assert not torch.equal(plain.train_ids, separate.train_ids)
     with pytest.raises(MKAError, match="train_text .* is also in data.eval_texts"):
         CalibrationDataModule(**{**common, "eval_texts": [str(samples)]}, train_text=str(samples))
+    with pytest.raises(MKAError, match="is the calibration source: training would start on the calibration sequences; leave data.train_text unset"):
+        CalibrationDataModule(**common, train_text=str(tiny_corpus))
+    # an asset's calibration split (training) is disjoint from its evaluation split: wiki trains while wiki is evaluated
+    assert CalibrationDataModule(**{**common, "eval_texts": ["wiki"]}, train_text="wiki").train_text == "wiki"
+    with pytest.raises(MKAError, match="data.train_text 'lee' is held out for evaluation only"):
+        CalibrationDataModule(**{**common, "eval_texts": ["wiki"]}, train_text="lee")

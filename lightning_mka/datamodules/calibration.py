@@ -222,8 +222,15 @@ class CalibrationDataModule(L.LightningDataModule):
         eval_texts = ["wiki", "lee"] if eval_texts is None else list(eval_texts)
         if calibration in eval_texts and calibration not in ASSETS:
             raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts: evaluation must be held out; use different files")
-        if train_text is not None and train_text in eval_texts:
+        # Assets read their calibration split for calibration and training and their evaluation split for evaluation
+        # (disjoint); a file is one text, so it can serve only one of the roles.
+        if train_text is not None and train_text in eval_texts and train_text not in ASSETS:
             raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts: evaluation must be held out; train on other text")
+        if train_text == "lee":
+            raise MKAError("data.train_text 'lee' is held out for evaluation only; train on 'wiki', 'mmlu', teacher samples (lightning-mka-sample) or your own files")
+        if train_text is not None and train_text == calibration:
+            raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
+                           "leave data.train_text unset (training then reads the text after them)")
         self.save_hyperparameters()
         self.tokenizer_source = tokenizer
         self.calibration = calibration
