@@ -120,5 +120,16 @@ def test_empty_calibration_file_is_one_clear_error(tiny_model_dir, tmp_path):
 def test_datamodule_argument_errors(tiny_corpus):
     with pytest.raises(MKAError, match="data.seq_len must be an integer >= 2, got 1"):
         CalibrationDataModule(seq_len=1)
+    with pytest.raises(MKAError, match="data.train_batch_size must be an integer >= 1, got 0"):
+        CalibrationDataModule(train_batch_size=0)
+
+
+def test_training_batches_can_be_smaller_than_calibration_and_evaluation_ones(tiny_model_dir, tiny_corpus, tiny_heldout):
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=6, seq_len=32,
+                                 batch_size=4, train_batch_size=1, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    data.setup()
+    assert [len(b["input_ids"]) for b in data.train_dataloader()] == [1] * 6  # six steps for six sequences
+    assert [len(b["input_ids"]) for b in data.calibration_dataloader()] == [4, 4]
+    assert [len(b["input_ids"]) for b in data.val_dataloader()[0]] == [4]
     with pytest.raises(MKAError, match="also in data.eval_texts"):
         CalibrationDataModule(calibration=str(tiny_corpus), eval_texts=[str(tiny_corpus)])

@@ -182,7 +182,10 @@ class CalibrationDataModule(L.LightningDataModule):
         train_text: a separate text source for training (e.g. teacher samples written by ``lightning-mka-sample``);
             ``None`` trains on the calibration source's text after the calibration sequences.
         seq_len: tokens per packed sequence.
-        batch_size: sequences per batch.
+        batch_size: sequences per batch (calibration, evaluation, and training unless ``train_batch_size`` is set).
+        train_batch_size: sequences per training step; ``None`` uses ``batch_size``. Healing takes more, smaller
+            steps for the same tokens (bench/results/heal.md: 1 x 512 per step beat 4 x 512 on held-aside text)
+            while calibration and evaluation keep their larger batches.
         eval_texts: held-out texts for perplexity, e.g. ``[wiki, lee]`` (``wiki`` means its held-out articles).
         eval_samples: packed sequences per evaluation text.
         mmlu_per_topic: evaluation questions per MMLU topic (0 turns MMLU off); never from the calibration split.
@@ -199,6 +202,7 @@ class CalibrationDataModule(L.LightningDataModule):
         train_text: str | None = None,
         seq_len: int = 512,
         batch_size: int = 4,
+        train_batch_size: int | None = None,
         eval_texts: list[str] | None = None,
         eval_samples: int = 32,
         mmlu_per_topic: int = 0,
@@ -211,6 +215,7 @@ class CalibrationDataModule(L.LightningDataModule):
             ("train_samples", train_samples, 0),
             ("seq_len", seq_len, 2),
             ("batch_size", batch_size, 1),
+            ("train_batch_size", batch_size if train_batch_size is None else train_batch_size, 1),
             ("eval_samples", eval_samples, 1),
             ("mmlu_per_topic", mmlu_per_topic, 0),
             ("mmlu_shots", mmlu_shots, 0),
@@ -239,6 +244,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.train_text = train_text
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.train_batch_size = batch_size if train_batch_size is None else train_batch_size
         self.eval_texts = eval_texts
         self.eval_samples = eval_samples
         self.mmlu_per_topic = mmlu_per_topic
@@ -310,11 +316,11 @@ class CalibrationDataModule(L.LightningDataModule):
             raise MKAError("CalibrationDataModule shards data across ranks itself; set trainer.use_distributed_sampler: false")
         return trainer.global_rank, trainer.world_size
 
-    def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False) -> DataLoader:
+    def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         rank, world = self._rank_world()
         dataset = SequenceDataset(ids, shard_indices(len(ids), rank, world))
         sampler = EpochShuffleSampler(len(dataset), seed=rank) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler)
 
     def calibration_dataloader(self) -> DataLoader:
         self.setup()
@@ -325,7 +331,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.setup()
         if self.train_ids is None or len(self.train_ids) == 0:
             raise MKAError("fit needs training text: set data.train_samples > 0 (sequences after the calibration ones)")
-        return self._sequence_loader(self.train_ids, shuffle=True)
+        return self._sequence_loader(self.train_ids, shuffle=True, batch_size=self.train_batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
