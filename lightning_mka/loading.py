@@ -64,6 +64,11 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
+def load_failed(source: str, err: BaseException) -> MKAError:
+    """Corrupt or truncated model files surface as OSError, SafetensorError, struct / gguf errors...: one line."""
+    return MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them")
+
+
 def load_model(source: str, dtype: str = "float32"):
     """The causal LM, in eval mode, on CPU, in ``dtype``."""
     from transformers import AutoModelForCausalLM
@@ -74,8 +79,8 @@ def load_model(source: str, dtype: str = "float32"):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype), **extra)
     except MKAError:
         raise
-    except Exception as err:  # corrupt files surface as OSError, SafetensorError, struct/gguf errors...
-        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them") from None
+    except Exception as err:
+        raise load_failed(source, err) from None
     if getattr(model, "hf_quantizer", None) is not None and extra.get("gguf_file"):
         model.hf_quantizer = None  # GGUF is dequantized on load; the weights are plain floats
     model.eval()
@@ -98,17 +103,16 @@ def load_model_executed(source: str, dtype: str = "float32", execution: str = "w
         model = load_model(source, dtype)
         LayerwiseExecutor(model, "cpu")
         return model
-    if str(source).lower().endswith(".gguf"):  # refused by its name, before the file is read
-        raise MKAError(f"offload: disk reads weights from a local safetensors directory, and {source!r} is a .gguf file; convert it once with save_pretrained (or use offload: cpu)")
-    where, extra = resolve_model_source(source)
-    if extra.get("gguf_file") or not Path(where).is_dir():
-        what = "a .gguf file" if extra.get("gguf_file") else "a hub id"
+    gguf = str(source).lower().endswith(".gguf")  # refused by its name, before the file is read
+    where, extra = (source, {}) if gguf else resolve_model_source(source)
+    if gguf or extra.get("gguf_file") or not Path(where).is_dir():
+        what = "a .gguf file" if gguf or extra.get("gguf_file") else "a hub id"
         raise MKAError(f"offload: disk reads weights from a local safetensors directory, and {source!r} is {what}; convert it once with save_pretrained (or use offload: cpu)")
     try:
         model, index = load_skeleton(where, parse_dtype(dtype))
     except MKAError:
         raise
     except Exception as err:
-        raise MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them") from None
+        raise load_failed(source, err) from None
     LayerwiseExecutor(model, "disk", index, scratch_dir=offload_dir)
     return model
