@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_mka.activations import LayerPointCollector, PointSpec, _StopForward, hidden_of, run_through_layer, sample_token_positions, suffix_only
+from lightning_mka.activations import LayerPointCollector, PointSpec, _StopForward, call_body, hidden_of, run_through_layer, sample_token_positions, suffix_only
 from lightning_mka.execution import compute_device, executor_of
 from lightning_mka.evaluation import shifted_token_nll
 from lightning_mka.errors import MKAError
@@ -516,11 +516,8 @@ class LayerMerger:
                 if b >= self.config.verify_batches:
                     break
                 state["batch"] = b
-                mask = batch["attention_mask"].to(device)
-                if start > 0:  # the embeddings are not needed: the cached input replaces them
-                    logits = self.model(inputs_embeds=self.collector.inputs[start][b].to(device), attention_mask=mask, use_cache=False).logits
-                else:
-                    logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).logits
+                # from layer start on: the cached input replaces the embeddings (the whole model: its head gives logits)
+                logits = call_body(self.model, batch, device, self.collector.inputs[start][b] if start > 0 else None).logits
                 nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"].to(device), batch["attention_mask"].to(device))
                 total += torch.tensor([float(nll_sum), float(count)], dtype=torch.float64)
         total = self.reduce(total)
