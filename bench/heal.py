@@ -271,28 +271,28 @@ def cmd_render(args) -> None:
     budgets = sorted({c["tokens"] for r in rows for c in r["checkpoints"]})
     if not rows:
         dense = {"wiki_ppl": float("nan"), "lee_ppl": float("nan")}
-    lines = ["| k | start | loss | trainable | train text | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| 0 | dense | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
+    lines = ["| k | start | loss | trainable | train text | batch x lr | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| 0 | dense | - | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
     order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "dense": 7}
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
                 f"| {r['k']} | {LABELS.get(r['start'], r['start'])} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
-                f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
+                f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} x {r['lr']:g} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
                 f"{fmt(c.get('lee_top1_agree'), '{:.3f}')} | {c['wiki_ppl'] / dense['wiki_ppl']:.2f} | {c['lee_ppl'] / dense['lee_ppl']:.2f} | {c['train_seconds']:.0f} |"
                 + ("" if r["complete"] or c is not r["checkpoints"][-1] else " (run incomplete)")
             )
     probes = load_store(RESULTS / "heal_probes.json")["rows"]
-    probe_lines = ["| probe | start | loss | trainable | train text | lr | schedule | T | hidden w | tokens | held-aside wiki ppl | held-aside wiki top-1 agree | held-aside MMLU-cal ppl |",
-                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    probe_lines = ["| probe | start | loss | trainable | train text | batch | lr | schedule | T | hidden w | tokens | held-aside wiki ppl | held-aside wiki top-1 agree | held-aside MMLU-cal ppl |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in probes:
         for c in r["checkpoints"]:
-            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
+            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
                                f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} | "
                                f"{fmt(c.get('heldaside_mmlu_ppl'))} |")
     for d in {json.dumps(r["dense"], sort_keys=True): r["dense"] for r in probes}.values():
-        probe_lines.append(f"| dense (reference) | - | - | - | - | - | - | - | - | 0 | {d['heldaside_ppl']:.2f} | 1.000 | {fmt(d.get('heldaside_mmlu_ppl'))} |")
+        probe_lines.append(f"| dense (reference) | - | - | - | - | - | - | - | - | - | 0 | {d['heldaside_ppl']:.2f} | 1.000 | {fmt(d.get('heldaside_mmlu_ppl'))} |")
     held = int(probes[0]["dense"]["heldaside_tokens"] + 1) // SEQ if probes else 0
     text = (RESULTS / "heal_notes.md").read_text() if (RESULTS / "heal_notes.md").exists() else ""
     (RESULTS / "heal.md").write_text(
