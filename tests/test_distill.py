@@ -327,7 +327,7 @@ def test_bad_training_settings_are_refused_before_loading(override, message):
 
 
 def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
-    """ShortGPT's drop + KD in one fit (configs/smollm2-135m-shortgpt-distill.yaml): the plan-aligned hidden term
+    """ShortGPT's drop + KD in one fit (configs/smollm2-135m-drop-distill.yaml, method: angular there): the plan-aligned hidden term
     skips the dropped layers, the teacher stays whole, and the kept layers train."""
     merge = MergeCallback(target_layers=4, method="shortgpt", num_points=128)
     module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge], hidden_weight=1.0, max_epochs=2)
@@ -344,7 +344,7 @@ def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout,
     assert any(not torch.equal(a.mlp.down_proj.weight, decoder_stack(dense)[1][i].mlp.down_proj.weight) for a, i in zip(trained, kept))
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml", "smollm2-135m-shortgpt-distill.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml", "smollm2-135m-drop-distill.yaml"])
 def test_heal_recipes_name_real_options(name):
     """The shipped recipes only use MKAModule / callback / datamodule arguments that exist (no model is loaded)."""
     import inspect

@@ -101,9 +101,10 @@ def test_datamodule_local_files(tiny_model_dir, tiny_corpus, tiny_heldout):
 def test_datamodule_jsonl_source(tiny_model_dir, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": " ".join(f"w{(i * 7 + j) % 100}" for j in range(50))}) for i in range(10)))
-    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), calibration_samples=4, seq_len=16, eval_texts=[str(path).replace("docs", "none")], text_field="body")
-    with pytest.raises(MKAError, match="neither an asset"):
-        data.setup()
+    with pytest.raises(MKAError, match="none.jsonl' is neither an asset"):  # refused at construction, before a run writes anything
+        CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), calibration_samples=4, seq_len=16, eval_texts=[str(path).replace("docs", "none")], text_field="body")
+    with pytest.raises(MKAError, match="must be .txt, .jsonl, .json or .parquet files of one kind, got \\['.md'\\]"):
+        CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), train_text=str(tmp_path / "notes.md") if (tmp_path / "notes.md").write_text("x") else None, eval_texts=[])
     data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(path), calibration_samples=4, seq_len=16, eval_texts=[], text_field="body")
     data.setup()
     assert data.calibration_ids.shape == (4, 16)

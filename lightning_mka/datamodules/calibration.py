@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mka.assets import ASSETS, asset_path
-from lightning_mka.datamodules.sources import iter_texts
+from lightning_mka.datamodules.sources import iter_texts, local_source
 from lightning_mka.errors import MKAError
 from lightning_mka.text import (
     LETTERS,
@@ -236,6 +236,10 @@ class CalibrationDataModule(L.LightningDataModule):
         if train_text is not None and train_text == calibration:
             raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
                            "leave data.train_text unset (training then reads the text after them)")
+        # A missing or unreadable local source fails here, before the trainer writes a log directory.
+        for source in [calibration, *([train_text] if train_text else []), *eval_texts]:
+            if source not in ASSETS and not source.startswith("hf:"):
+                local_source(source)
         self.save_hyperparameters()
         self.tokenizer_source = tokenizer
         self.calibration = calibration

@@ -54,6 +54,18 @@ def _local_files(source: str) -> list[str]:
     return files
 
 
+def local_source(source: str) -> tuple[list[str], str]:
+    """The files of a local text source and the ``datasets`` builder that reads them; one line when there are none or
+    they mix kinds. Cheap (no file is read): the datamodule checks every source with it before a run starts."""
+    files = _local_files(source)
+    if not files:
+        raise MKAError(f"data source {source!r} is neither an asset (wiki, lee, mmlu) nor an existing file; check the path")
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _BUILDERS:
+        raise MKAError(f"data source {source!r} must be .txt, .jsonl, .json or .parquet files of one kind, got {sorted(suffixes)}")
+    return files, _BUILDERS[suffixes.pop()]
+
+
 def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
     from datasets import load_dataset
 
@@ -81,17 +93,11 @@ def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str
     if source.startswith("hf:"):
         yield from _hub_texts(source[3:], text_field)
         return
-    files = _local_files(source)
-    if not files:
-        raise MKAError(f"data source {source!r} is neither an asset (wiki, lee, mmlu) nor an existing file; check the path")
-    suffixes = {Path(f).suffix for f in files}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in _BUILDERS:
-        raise MKAError(f"data source {source!r} must be .txt, .jsonl, .json or .parquet files of one kind, got {sorted(suffixes)}")
+    files, builder = local_source(source)
     from datasets import load_dataset
 
     for file in files:  # binary garbage or another encoding: one line naming the file, before any tokenizing
         check_text_file(file, what=f"{role} file", fix="pass UTF-8 text (.txt) or JSON lines (.jsonl)")
-    builder = _BUILDERS[suffixes.pop()]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
         stream = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
