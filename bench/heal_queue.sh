@@ -7,7 +7,7 @@ PY="${PY:-/work/main/.venv/bin/python}"
 export PYTHONPATH="$PWD"
 STOP_AT="${STOP_AT:-00:43}"   # UTC (HH:MM, same day); no new run starts after this
 STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matrix at 51,200 tokens + teacher samples;
-                               # 3: steps per token and temperature, then every start over 100,352 tokens
+                               # 3: steps per token and temperature probes; 4: every start over 100,352 tokens
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -20,6 +20,20 @@ run() {  # run NAME ARGS...
   echo "$(date -u +%T) end $name rc=$?"
   "$PY" bench/heal.py render >/dev/null 2>&1 || true
 }
+best_probe() {  # best_probe NAME...: the probe with the lowest geometric mean of its two held-aside perplexities
+  "$PY" - "$@" <<'PYEOF'
+import json, math, sys
+rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
+def score(name):
+    r = rows.get(name)
+    if not r or not r["complete"]:
+        return 1e30
+    c = r["checkpoints"][-1]
+    return math.sqrt(c["heldaside_ppl"] * c["heldaside_mmlu_ppl"])
+best = rows[min(sys.argv[1:], key=score)]
+print(best["name"], best["tokens_per_step"] // 512, best["lr"], best["warmup"], best["temperature"])
+PYEOF
+}
 if [[ $STAGE == 3 ]]; then
   # Lever: optimizer steps per token. 100k tokens at 4 x 512 per step is only 49 AdamW steps; batch 1 gives 196 for
   # the same tokens. Probes (held-aside text, 16,384 tokens, warmup equal in tokens) against probe-kd-wiki-2 (batch 4,
@@ -29,64 +43,27 @@ if [[ $STAGE == 3 ]]; then
   P="--heldaside 8 --start ours --k 9 $KD --checkpoints 0 8"
   run probe-b1-lr3e-4 $P --batch-size 1 --warmup 12 --lr 3e-4
   run probe-b1-lr1.5e-4 $P --batch-size 1 --warmup 12 --lr 1.5e-4
-  read -r B LR WU <<<"$("$PY" - <<'PYEOF'
-import json, math
-rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
-def score(n):
-    r = rows.get(n)
-    if not r or not r["complete"]:
-        return 1e30
-    c = r["checkpoints"][-1]
-    return math.sqrt(c["heldaside_ppl"] * c["heldaside_mmlu_ppl"])
-best = min(("probe-kd-wiki-2", "probe-b1-lr3e-4", "probe-b1-lr1.5e-4"), key=score)
-r = rows[best]
-b = r["tokens_per_step"] // 512
-print(b, r["lr"], r["warmup"])
-PYEOF
-)"
-  echo "chosen: batch $B lr $LR warmup $WU"
+  read -r BEST B LR WU _ <<<"$(best_probe probe-kd-wiki-2 probe-b1-lr3e-4 probe-b1-lr1.5e-4)"
+  echo "chosen: $BEST (batch $B lr $LR warmup $WU)"
   run probe-T2 $P --batch-size "$B" --warmup "$WU" --lr "$LR" --temperature 2
-  T=$("$PY" - <<PYEOF
-import json, math
-rows = {r["name"]: r for r in json.load(open("bench/results/heal_probes.json"))["rows"]}
-base = {4: "probe-kd-wiki-2"}.get($B, "probe-b1-lr3e-4" if float("$LR") == 3e-4 else "probe-b1-lr1.5e-4")
-def score(n):
-    r = rows.get(n)
-    if not r or not r["complete"]:
-        return 1e30
-    c = r["checkpoints"][-1]
-    return math.sqrt(c["heldaside_ppl"] * c["heldaside_mmlu_ppl"])
-print(2.0 if score("probe-T2") < score(base) else 1.0)
-PYEOF
-)
+  read -r _ _ _ _ T <<<"$(best_probe "$BEST" probe-T2)"
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
-  # Every start gets the chosen recipe over 100,352 tokens, k = 9 first.
-  R="$KD --batch-size $B --warmup $WU --lr $LR --temperature $T --checkpoints 0 12 25 49"
-  for s in ours shortgpt angular; do run $s-k9-kd-100k-r3 --start $s --k 9 $R; done
-  for s in ours angular shortgpt; do run $s-k6-kd-100k-r3 --start $s --k 6 $R; done
-  echo "$(date -u +%T) stage 3 done"
+  echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
   exit 0
 fi
 if [[ $STAGE == 4 ]]; then
-  # Stage 3's recipe (batch 1, lr 1.5e-4, T = 1, as its probes chose) over 100,352 tokens for the k = 9 peers, the
-  # best 2025 training-free peer (ReplaceMe) and ours without its refit (is the refit what heals slowly?). Rival
-  # order: ShortGPT won lee at k = 9 with the stage-2 recipe; angular was last of the drops there.
-  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 > "$LOG/starts4.log" 2>&1 || { echo "starts failed"; exit 1; }
-  R="--loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1 --checkpoints 0 12 25 49"
-  for s in ours shortgpt replaceme norefit angular; do run $s-k9-kd-100k-r3 --start $s --k 9 $R; done
-  for s in ours shortgpt angular replaceme; do run $s-k6-kd-100k-r3 --start $s --k 6 $R; done
+  # Stage 3's recipe over 100,352 tokens for every start: ours, the peers (ShortGPT won lee at k = 9 with the stage-2
+  # recipe), the best 2025 training-free peer (ReplaceMe) and ours without its refit (is the refit what heals
+  # slowly?). After the k = 9 rows, the no-refit start is probed on held-aside text against ours (probe-b1-lr1.5e-4),
+  # which is what the merge + distill recipe's prune_refit: false rests on. (As run: the k = 9 list, the probe, then
+  # the k = 6 list with norefit first; ours-k9 ran from stage 3, ours-k6 by hand after the stop time.)
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 6 > "$LOG/starts4.log" 2>&1 || { echo "starts failed"; exit 1; }
+  R="--loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1"
+  for s in ours shortgpt replaceme norefit angular; do run $s-k9-kd-100k-r3 --start $s --k 9 $R --checkpoints 0 12 25 49; done
+  run probe-norefit-b1-lr1.5e-4 --heldaside 8 --start norefit --k 9 $R --checkpoints 0 8
+  for s in norefit angular shortgpt replaceme ours; do run $s-k6-kd-100k-r3 --start $s --k 6 $R --checkpoints 0 12 25 49; done
   echo "$(date -u +%T) stage 4 done"
-  exit 0
-fi
-if [[ $STAGE == 5 ]]; then
-  # k = 9 showed ours without the refit healing best on both texts (and on held-aside text: probe-norefit-b1-lr1.5e-4
-  # 67.87 / 44.38 vs 74.01 / 70.14 with the refit), so at k = 6 it goes first; then the k = 6 peers. (ours with the
-  # refit at k = 6 has its stage-2 row; it goes last.)
-  flock /work/bench.lock "$PY" bench/heal.py starts --ks 6 > "$LOG/starts5.log" 2>&1 || { echo "starts failed"; exit 1; }
-  R="--loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1 --checkpoints 0 12 25 49"
-  for s in norefit angular shortgpt replaceme ours; do run $s-k6-kd-100k-r3 --start $s --k 6 $R; done
-  echo "$(date -u +%T) stage 5 done"
   exit 0
 fi
 if [[ $STAGE == 2 ]]; then
