@@ -253,8 +253,9 @@ class MKAModule(L.LightningModule):
         size = ids.shape[0]
         if want_states:
             plan = self.teacher_plan()
-            if depth_before(len(student_states), plan) != len(teacher_states):
-                raise MKAError(f"the teacher has {len(teacher_states)} layers but the student's merge plan starts from {depth_before(len(student_states), plan)}; "
+            start = depth_before(len(student_states), plan)
+            if start != len(teacher_states):
+                raise MKAError(f"the teacher has {len(teacher_states)} layers but the student's merge plan starts from {start}; "
                                "give the teacher the student was compressed from")
             aligned = aligned_teacher_layers(len(student_states), plan)
             world = self.trainer.world_size if self._trainer is not None else 1

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mka.assets import ASSETS, asset_path
-from lightning_mka.datamodules.sources import iter_texts, local_source
+from lightning_mka.datamodules.sources import check_asset_role, iter_texts, local_source
 from lightning_mka.errors import MKAError
 from lightning_mka.text import (
     LETTERS,
@@ -210,12 +210,13 @@ class CalibrationDataModule(L.LightningDataModule):
         text_field: str = "text",
     ) -> None:
         super().__init__()
+        step_batch = batch_size if train_batch_size is None else train_batch_size  # (hparams keep the argument as given)
         for name, value, low in (
             ("calibration_samples", calibration_samples, 1),
             ("train_samples", train_samples, 0),
             ("seq_len", seq_len, 2),
             ("batch_size", batch_size, 1),
-            ("train_batch_size", batch_size if train_batch_size is None else train_batch_size, 1),
+            ("train_batch_size", step_batch, 1),
             ("eval_samples", eval_samples, 1),
             ("mmlu_per_topic", mmlu_per_topic, 0),
             ("mmlu_shots", mmlu_shots, 0),
@@ -231,14 +232,19 @@ class CalibrationDataModule(L.LightningDataModule):
         # (disjoint); a file is one text, so it can serve only one of the roles.
         if train_text is not None and train_text in eval_texts and train_text not in ASSETS:
             raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts: evaluation must be held out; train on other text")
-        if train_text == "lee":
-            raise MKAError("data.train_text 'lee' is held out for evaluation only; train on 'wiki', 'mmlu', teacher samples (lightning-mka-sample) or your own files")
         if train_text is not None and train_text == calibration:
             raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
                            "leave data.train_text unset (training then reads the text after them)")
-        # A missing or unreadable local source fails here, before the trainer writes a log directory.
-        for source in [calibration, *([train_text] if train_text else []), *eval_texts]:
-            if source not in ASSETS and not source.startswith("hf:"):
+        # A missing or unreadable local source, or an asset in a role it cannot play, fails here, before the trainer
+        # writes a log directory.
+        roles = [("data.calibration", calibration, "calibration"), ("data.train_text", train_text, "calibration"),
+                 *(("data.eval_texts", text, "evaluation") for text in eval_texts)]
+        for what, source, role in roles:
+            if source is None or source.startswith("hf:"):
+                continue
+            if source in ASSETS:
+                check_asset_role(source, role, what)
+            else:
                 local_source(source)
         self.save_hyperparameters()
         self.tokenizer_source = tokenizer
@@ -248,7 +254,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.train_text = train_text
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.train_batch_size = batch_size if train_batch_size is None else train_batch_size
+        self.train_batch_size = step_batch
         self.eval_texts = eval_texts
         self.eval_samples = eval_samples
         self.mmlu_per_topic = mmlu_per_topic

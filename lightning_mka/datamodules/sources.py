@@ -23,7 +23,21 @@ _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "par
 ROLES = ("calibration", "evaluation")
 
 
+# The roles each text asset can play: lee is held out for evaluation only; mmlu is not a perplexity text.
+ASSET_ROLES = {"wiki": ("calibration", "evaluation"), "lee": ("evaluation",), "mmlu": ("calibration",)}
+
+
+def check_asset_role(name: str, role: str, what: str = "text") -> None:
+    """One line when a text asset is used in a role it cannot play (cheap: the datamodule checks before a run)."""
+    if role in ASSET_ROLES.get(name, (role,)):
+        return
+    if role == "calibration":
+        raise MKAError(f"{what} {name!r} is held out for evaluation only; use 'wiki', 'mmlu' or your own files")
+    raise MKAError(f"{what} {name!r} is not a perplexity text; evaluate MMLU with data.mmlu_per_topic > 0")
+
+
 def _asset_texts(name: str, role: str) -> Iterator[str]:
+    check_asset_role(name, role)
     if name == "wiki":
         part = "calibration" if role == "calibration" else "heldout"
         with open(asset_path("wiki"), encoding="utf-8") as f:
@@ -32,13 +46,9 @@ def _asset_texts(name: str, role: str) -> Iterator[str]:
                 if row["split"] == part:
                     yield row["text"]
     elif name == "lee":
-        if role == "calibration":
-            raise MKAError("text 'lee' is held out for evaluation only; calibrate on 'wiki', 'mmlu' or your own files")
         with open(asset_path("lee"), encoding="utf-8") as f:
             yield from (line.strip() for line in f if line.strip())
     elif name == "mmlu":
-        if role != "calibration":
-            raise MKAError("'mmlu' is not a perplexity text; evaluate MMLU with data.mmlu_per_topic > 0")
         for q in split_mmlu(read_mmlu_jsonl(asset_path("mmlu")))["calibration"]:
             yield mmlu_calibration_text(q)
     else:
