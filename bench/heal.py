@@ -185,7 +185,7 @@ def cmd_run(args) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     # Checkpoints count 2,048-token units whatever the batch, so rows with different batch sizes compare at equal tokens.
     if args.batch_size < 1 or any(c * BATCH % args.batch_size for c in args.checkpoints):
-        sys.exit(f"error: --batch-size {args.batch_size} must divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
+        sys.exit(f"error: --batch-size {args.batch_size} must be >= 1 and divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
     to_step = {c: c * BATCH // args.batch_size for c in args.checkpoints}
     steps = max(to_step.values())
     tokens_per_step = args.batch_size * SEQ
