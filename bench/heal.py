@@ -132,11 +132,20 @@ def data_module(train_steps: int, heldaside: int = 0, train_text: str = "wiki", 
     from lightning_mka.datamodules.calibration import pack_sequences
     from lightning_mka.datamodules.sources import iter_texts
 
-    source = None if train_text == "wiki" else str(TEACHER_SAMPLES)
+    source = str(TEACHER_SAMPLES) if train_text == "teacher" else None
     data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=CAL, train_samples=train_steps * batch,
                                  train_text=source, seq_len=SEQ, batch_size=batch, eval_texts=["wiki", "lee"], eval_samples=8)
     data.prepare_data()
     data.setup()
+    if train_text == "mix":
+        # Half wiki, half teacher samples, the same total (the loader shuffles): the wiki half is the first half of the
+        # wiki training sequences, so a mix row reads a prefix of what a wiki row reads.
+        n = train_steps * batch
+        teacher = pack_sequences(iter_texts(str(TEACHER_SAMPLES), "calibration"), data.tokenizer, SEQ, n // 2)
+        assert len(teacher) == n // 2, f"{len(teacher)} teacher sequences, {n // 2} needed: bench/heal.py sample --tokens {n // 2 * SEQ}"
+        wiki = data.train_ids[: n - n // 2]
+        order = [wiki[i // 2] if i % 2 == 0 else teacher[i // 2] for i in range(n)]
+        data.train_ids = torch.stack(order)
     assert len(data.train_ids) == train_steps * batch, f"{len(data.train_ids)} training sequences for {train_steps} steps"
     if heldaside:
         data.eval_texts = ["heldaside", "heldaside_mmlu"]
@@ -357,8 +366,8 @@ def main() -> None:
     run.add_argument("--heldaside", type=int, default=0, help="probe: evaluate on this many held-aside calibration-source sequences")
     run.add_argument("--name", default=None)
     run.add_argument("--threads", type=int, default=0)
-    run.add_argument("--train-text", choices=["wiki", "teacher"], default="wiki",
-                     help="wiki calibration-source text after the calibration sequences, or the dense model's own samples (bench/heal.py sample)")
+    run.add_argument("--train-text", choices=["wiki", "teacher", "mix"], default="wiki",
+                     help="wiki calibration-source text after the calibration sequences, the dense model's own samples (bench/heal.py sample), or half of each, alternating")
     sample = sub.add_parser("sample")
     sample.add_argument("--tokens", type=int, default=49 * TOKENS_PER_STEP + 8 * SEQ)
     sample.add_argument("--batch-size", type=int, default=32)
