@@ -14,9 +14,11 @@ import sys
 import threading
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mka import signals
 from lightning_mka.callbacks.fault_guard import FaultGuard
@@ -99,6 +101,8 @@ class MKACLI(LightningCLI):
             extra.append(ProgressLines())
         if "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, *extra]
+        if isinstance(config.get("accelerator"), str) and "accelerator" not in kwargs:
+            kwargs["accelerator"] = choose_accelerator(config["accelerator"], torch.cuda.is_available(), torch.backends.mps.is_available())
         strategy = config.get("strategy")
         if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES and "strategy" not in kwargs and isinstance(self.model, MKAModule):
             # `--trainer.strategy fsdp`: each decoder layer its own FSDP unit, on GPUs or (for tests) CPUs.
@@ -111,6 +115,17 @@ class MKACLI(LightningCLI):
             if callable(getattr(callback, "refuse_under_sharding", None)):
                 callback.refuse_under_sharding(trainer.strategy, self.model)
         return trainer
+
+
+def choose_accelerator(requested: str, cuda: bool, mps: bool) -> str:
+    """Apple's MPS has no float64, which the diffusion maps, NPIB and the refits solve in: ``auto`` takes the CPU
+    where Lightning would take MPS, and ``mps`` is refused in one line."""
+    if requested == "mps":
+        raise MKAError("trainer.accelerator mps cannot run the float64 solves of the merge; use --trainer.accelerator cpu (or a CUDA GPU)")
+    if requested == "auto" and mps and not cuda:
+        rank_zero_info("[mka] accelerator auto: using the CPU, not MPS (MPS has no float64, which the merge's solves need)")
+        return "cpu"
+    return requested
 
 
 TRAINER_DEFAULTS = {

@@ -117,3 +117,21 @@ def test_callback_argument_error_is_one_line_through_the_cli(tmp_path):
         "      init_args:\n        compression_ratio: 1.5\n"
     )
     assert_one_line_error(cli("validate", "--config", str(config), cwd=tmp_path), "compression_ratio=1.5 must be in (0, 1)")
+
+
+def test_mps_is_never_chosen_for_float64_solves(tmp_path, tiny_model_dir):
+    """MPS has no float64: ``auto`` takes the CPU where Lightning would take MPS; ``mps`` is refused in one line,
+    before the trainer writes anything."""
+    from lightning_mka.cli import choose_accelerator
+
+    assert choose_accelerator("auto", cuda=False, mps=True) == "cpu"
+    assert choose_accelerator("auto", cuda=True, mps=True) == "auto"
+    assert choose_accelerator("auto", cuda=False, mps=False) == "auto"
+    assert choose_accelerator("gpu", cuda=True, mps=False) == "gpu"
+    with pytest.raises(MKAError, match="accelerator mps"):
+        choose_accelerator("mps", cuda=False, mps=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = cli("validate", "--model.model", str(tiny_model_dir), "--trainer.accelerator", "mps", cwd=run_dir)
+    assert_one_line_error(proc, "trainer.accelerator mps cannot run the float64 solves of the merge; use --trainer.accelerator cpu")
+    assert list(run_dir.iterdir()) == []

@@ -425,3 +425,18 @@ def test_tail_parameters_cover_every_layer_when_tail_layers_exceeds_the_depth():
     assert all(id(p) in chosen for p in layers.parameters())
     assert {id(p) for p in tail_parameters(model, layers, 2)} >= {id(p) for layer in layers[4:] for p in layer.parameters()}
     assert not {id(p) for p in tail_parameters(model, layers, 2)} & {id(p) for p in layers[3].parameters()}
+
+
+def test_export_callback_names_the_depth_a_merge_in_the_same_fit_ends_at(tmp_path):
+    """``{layers}`` in ExportCallback's path is the exported depth: a MergeCallback's target when one runs in the same
+    fit (resolved at setup, before any merge), the loaded depth otherwise."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(hparams={"model": "tiny"}, model=tiny_model("llama", layers=6))
+    export = ExportCallback(str(tmp_path / "{model}-{layers}L"))
+    trainer = SimpleNamespace(callbacks=[export, MergeCallback(target_layers=4)], log_dir=None)
+    export.setup(trainer, module, "fit")
+    assert export.export_dir == str(tmp_path / "tiny-4L")
+    trainer.callbacks = [export]
+    export.setup(trainer, module, "fit")
+    assert export.export_dir == str(tmp_path / "tiny-6L")

@@ -7,9 +7,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_mka.callbacks.merge import MergeCallback
 from lightning_mka.fsdp import is_sharded, save_full_model
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
 from lightning_mka.surgery import num_layers
@@ -29,7 +30,8 @@ class ExportCallback(Callback):
     ``num_sanity_val_steps: -1``, and at the end). The path is resolved and checked at ``setup``, before any work.
 
     Args:
-        export_dir: target directory; placeholders ``{model}`` and ``{layers}`` (the depth at setup).
+        export_dir: target directory; placeholders ``{model}`` and ``{layers}`` (the exported depth: the depth at
+            setup, or a MergeCallback's target when one runs in the same fit).
         overwrite: replace an existing directory.
     """
 
@@ -44,7 +46,7 @@ class ExportCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
-        self.export_dir = resolve_export_path(self.template, source, num_layers(pl_module.model))
+        self.export_dir = resolve_export_path(self.template, source, exported_depth(trainer, num_layers(pl_module.model)))
         check_export_dir(self.export_dir, self.overwrite)
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
         self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
@@ -71,6 +73,8 @@ class ExportCallback(Callback):
         if hasattr(pl_module, "fold_adapters"):
             pl_module.fold_adapters()
         assert self.export_dir is not None
+        if "{layers}" in self.template and num_layers(pl_module.model) != exported_depth(trainer, num_layers(pl_module.model)):
+            rank_zero_warn(f"{self.export_dir} names the planned depth, but the model has {num_layers(pl_module.model)} layers: the merges did not finish")
         plan = [*getattr(pl_module, "source_plan", []), *getattr(pl_module, "merge_plan", [])]
         report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": num_layers(pl_module.model),
                   "global_step": trainer.global_step, "metrics_first_validation": self._first, "metrics_after": dict(getattr(pl_module, "last_metrics", {}))}
@@ -86,3 +90,8 @@ class ExportCallback(Callback):
                 write_json_atomic(self._log_dir / "heal_results.json", {**report, "export_dir": str(path.resolve())})
             rank_zero_info(f"[mka] exported the healed model to {path}")
         trainer.strategy.barrier("mka_export")
+
+
+def exported_depth(trainer: L.Trainer, depth: int) -> int:
+    """The depth the fit ends at: ``depth`` merged to the target of any MergeCallback in the same trainer."""
+    return min([depth, *(cb.final_depth(depth) for cb in trainer.callbacks if isinstance(cb, MergeCallback))])

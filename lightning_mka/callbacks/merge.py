@@ -345,15 +345,20 @@ class MergeCallback(Callback):
 
     # ---- hooks --------------------------------------------------------------------------------
 
+    def final_depth(self, depth: int) -> int:
+        """The depth this callback merges a ``depth``-layer model to (known before setup: ExportCallback names its
+        ``{layers}`` with it)."""
+        if self._target is not None:
+            return self._target
+        return resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+
     def refuse_under_sharding(self, strategy: Any, pl_module: L.LightningModule) -> None:
         """Surgery never touches sharded parameters: with layers left to remove, a sharding strategy (FSDP) is refused
         in one line that names the two-step recipe (compress with ``validate``, heal the export with ``fit``)."""
         if not is_sharded(strategy):
             return
         depth = num_layers(pl_module.model)
-        target = self._target
-        if target is None:
-            target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
+        target = self.final_depth(depth)
         if depth <= target:
             return  # nothing left to merge: the callback only measures and reports
         source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
