@@ -58,7 +58,7 @@ def check_execution(execution: str, offload: str | None) -> tuple[str, str]:
     if execution == "whole" and offload != "none":
         raise MKAError(f"offload: {offload} keeps weights off the device between layers; it needs execution: layerwise")
     if execution == "layerwise" and offload == "none":
-        offload = "cpu"
+        raise MKAError("offload: none keeps every weight on the device, which is execution: whole; under execution: layerwise use offload: cpu or disk")
     return execution, offload
 
 

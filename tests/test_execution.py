@@ -172,7 +172,8 @@ def test_streaming_safetensors_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "execution,offload,message",
-    [("layerwise", "ssd", "unknown offload 'ssd'"), ("sharded", None, "unknown execution 'sharded'"), ("whole", "disk", "needs execution: layerwise")],
+    [("layerwise", "ssd", "unknown offload 'ssd'"), ("sharded", None, "unknown execution 'sharded'"), ("whole", "disk", "needs execution: layerwise"),
+     ("layerwise", "none", "under execution: layerwise use offload: cpu or disk")],
 )
 def test_bad_execution_options(execution, offload, message):
     with pytest.raises(MKAError, match=message):
