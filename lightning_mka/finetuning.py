@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_mka.errors import MKAError
 
-TRAINABLE = ("all", "merged", "lora", "tail")
+TRAINABLE = ("all", "layers", "merged", "lora", "tail")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,6 +54,20 @@ def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
     origins = current_origins(depth_before(depth, plan), plan)
     merged = {i for i, o in enumerate(origins) if len(o) > 1}
     return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
+
+
+def layer_parameters(model: nn.Module, layers: nn.ModuleList) -> list[nn.Parameter]:
+    """Every decoder layer and the final norm; not the input embeddings or the output head (``trainable: layers``:
+    the vocabulary matrices, a large share of a small model's parameters and of the optimizer state, stay as the dense
+    model learned them)."""
+    modules = [*layers, getattr(getattr(model, "model", model), "norm", None)]
+    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()}
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters() if module is not None else ():
+            if id(p) not in frozen:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def tail_parameters(model: nn.Module, layers: nn.ModuleList, count: int) -> list[nn.Parameter]:

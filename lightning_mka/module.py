@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
-from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layers_next_to_merges, tail_parameters
+from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
 from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
@@ -39,7 +39,8 @@ class MKAModule(L.LightningModule):
         learning_rate: AdamW learning rate when no ``optimizer`` is given (fine-tuning after merges).
         optimizer: optional optimizer factory (``OptimizerCallable``); rebuilt after every merge.
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
-        trainable: which parameters fine-tuning updates: ``all`` | ``merged`` (only the decoder layers that came out
+        trainable: which parameters fine-tuning updates: ``all`` | ``layers`` (every decoder layer and the final
+            norm; the embeddings and output head stay frozen) | ``merged`` (only the decoder layers that came out
             of a merge and their immediate neighbours; everything else frozen) | ``lora`` (LoRA adapters through
             ``peft``, folded into the weights before every merge and at the end of ``fit``) | ``tail`` (see
             ``tail_layers``).
@@ -207,10 +208,12 @@ class MKAModule(L.LightningModule):
             for p in self.model.parameters():
                 p.requires_grad_(True)
             return
-        if mode == "tail":
+        if mode in ("tail", "layers"):
+            layers = decoder_stack(self.model)[1]
+            chosen = tail_parameters(self.model, layers, self.hparams.tail_layers) if mode == "tail" else layer_parameters(self.model, layers)
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for p in tail_parameters(self.model, decoder_stack(self.model)[1], self.hparams.tail_layers):
+            for p in chosen:
                 p.requires_grad_(True)
             return
         trainable = layers_next_to_merges(len(decoder_stack(self.model)[1]), [*self.source_plan, *self.merge_plan])

@@ -158,6 +158,17 @@ def test_trainable_tail_updates_only_the_last_layers_norm_and_head(tiny_model_di
     assert not torch.equal(module.model.lm_head.weight, dense.lm_head.weight)
 
 
+def test_trainable_layers_keeps_the_embeddings_and_head(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """``trainable: layers``: every decoder layer and the final norm train; the embeddings and the head stay as loaded."""
+    module, _ = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, trainable="layers", max_epochs=1)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for a, b in zip(decoder_stack(module.model)[1], decoder_stack(dense)[1]):
+        assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(module.model.model.norm.weight, dense.model.norm.weight)
+    assert torch.equal(module.model.get_input_embeddings().weight, dense.get_input_embeddings().weight)
+    assert torch.equal(module.model.get_output_embeddings().weight, dense.get_output_embeddings().weight)
+
+
 @pytest.mark.parametrize("trainable", ["merged", "lora"])
 def test_distillation_trains_only_the_chosen_set_and_keeps_the_teacher(trainable, tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     from lightning_mka.finetuning import fold_lora, layers_next_to_merges
