@@ -200,18 +200,23 @@ def cmd_run(args) -> None:
     tokens_per_step = args.batch_size * SEQ
     data = data_module(steps, args.heldaside, args.train_text, args.batch_size)
     dense = dense_reference(data, args.heldaside)
-    source = DENSE if args.start == "dense" else str(start_dir(args.start, args.k))
+    progressive = args.rounds > 1
+    if progressive and args.start not in ("ours", "norefit"):
+        sys.exit(f"error: --rounds {args.rounds} merges in the fit, with our merge: use --start ours or norefit")
+    # Progressive: the dense model merged in the fit, ceil(k / rounds) merges after the dense validation and after every
+    # --merge-every steps, KD in between (MergeCallback as in `lightning-mka fit`), instead of healing a cached start.
+    source = DENSE if args.start == "dense" or progressive else str(start_dir(args.start, args.k))
     kd = args.loss == "kd"
     options = dict(teacher=DENSE, temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
-    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
+    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-r{args.rounds}" if progressive else "") + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
            "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
-           "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
+           **({"rounds": args.rounds, "merge_every": args.merge_every} if progressive else {}), "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
 
     def evaluate(step: int, seconds: float) -> None:
         model = module.model
@@ -243,10 +248,22 @@ def cmd_run(args) -> None:
             if trainer.global_step in to_step.values() and trainer.global_step > 0:
                 evaluate(trainer.global_step, self.seconds)
 
+    if not progressive:
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[Checkpoints()])
+        trainer.fit(module, train_dataloaders=data.train_dataloader())
+        return
+    from lightning_mka.callbacks import MergeCallback
+
+    merge = MergeCallback(target_layers=30 - args.k, merges_per_validation=-(-args.k // args.rounds), similarity="npib", num_points=1024,
+                          merge_operator="parallel_pruned", prune_refit=args.start == "ours", seed=0, evaluate_before_healing=False)
+    root = CACHE / "progressive-runs" / name  # the callback's plan and heatmaps: never into the repository
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[Checkpoints()])
-    trainer.fit(module, train_dataloaders=data.train_dataloader())
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=-1, val_check_interval=args.merge_every,
+                        check_val_every_n_epoch=None, default_root_dir=str(root), callbacks=[merge, Checkpoints()])
+    trainer.fit(module, datamodule=data)
+    assert len(module.merge_plan) == args.k, module.merge_plan
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -364,6 +381,8 @@ def main() -> None:
     run.add_argument("--checkpoints", nargs="+", type=int, default=[0, 12, 25, 49], help="token checkpoints, in units of 2,048 tokens")
     run.add_argument("--batch-size", type=int, default=BATCH, help="sequences of 512 tokens per optimizer step (fewer: more steps for the same tokens)")
     run.add_argument("--heldaside", type=int, default=0, help="probe: evaluate on this many held-aside calibration-source sequences")
+    run.add_argument("--rounds", type=int, default=1, help="> 1: merge the dense model in the fit, in this many rounds (ours / norefit)")
+    run.add_argument("--merge-every", type=int, default=32, help="with --rounds: training steps between merge rounds")
     run.add_argument("--name", default=None)
     run.add_argument("--threads", type=int, default=0)
     run.add_argument("--train-text", choices=["wiki", "teacher", "mix"], default="wiki",
