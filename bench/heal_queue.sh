@@ -8,7 +8,7 @@ export PYTHONPATH="$PWD"
 STOP_AT="${STOP_AT:-00:43}"   # UTC (HH:MM, same day); no new run starts after this
 STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matrix at 51,200 tokens + teacher samples;
                                # 3: steps per token and temperature probes; 4: every start over 100,352 tokens;
-                               # 5: two more levers, then the empty cells of the matrix
+                               # 5: two more levers, then the empty cells of the matrix; 6: a third lever, then the cells that matter most
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -51,6 +51,29 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 6 ]]; then
+  # Stage 5 as run: both lever probes lost, then dense-lm-100k-r3 and paper-k9-kd-100k-r3; it was stopped there because
+  # this machine ran ~2x slower than in stage 4 (KD at ~6 s per step), too slow for all of its cells. Also probed, by
+  # hand, in between: trainable: layers (probe-norefit-layers, embeddings and head frozen). Stage 6 probes a third
+  # lever first, our merge done progressively in the fit (3 merges after the dense validation, then after every 5
+  # steps, KD in between), same rule against probe-norefit-b1-lr1.5e-4, and gives it a 100,352-token row if it wins
+  # (merges at steps 0, 32, 64 of 196: the same share of the run); then the cells that matter most of those left.
+  R="--loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1"
+  P="--heldaside 8 --start norefit --k 9 --batch-size 1 --warmup 12 --lr 1.5e-4 --checkpoints 8 --loss kd --temperature 1 --hidden-weight 1.0"
+  run probe-norefit-r3 $P --rounds 3 --merge-every 5
+  read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-r3)"
+  echo "chosen: $BEST"
+  C="--checkpoints 0 12 25 49"
+  if [[ $BEST == probe-norefit-r3 ]]; then run norefit-k9-kd-100k-r3-progressive --start norefit --k 9 $R --rounds 3 --merge-every 32 --checkpoints 25 49; fi
+  L="--loss lm --batch-size 1 --warmup 12 --lr 1.5e-4"
+  run paper-k6-kd-100k-r3 --start paper --k 6 $R $C
+  run tail-k6-kd-tail-100k-r3 --start tail --k 6 $R --trainable tail $C
+  run norefit-k9-lm-100k-r3 --start norefit --k 9 $L $C
+  run replaceme-k6-lm-100k-r3 --start replaceme --k 6 $L $C
+  run ours-k6-lm-100k-r3 --start ours --k 6 $L $C
+  echo "$(date -u +%T) stage 6 done"
   exit 0
 fi
 if [[ $STAGE == 5 ]]; then
