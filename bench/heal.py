@@ -211,7 +211,7 @@ def cmd_run(args) -> None:
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
-    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-r{args.rounds}" if progressive else "") + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
+    name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-progressive{args.rounds}" if progressive else "") + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
@@ -290,6 +290,10 @@ def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
+def rounds(row: dict) -> str:
+    return f", merged in the fit in {row['rounds']} rounds {row['merge_every']} steps apart" if row.get("rounds") else ""
+
+
 def cmd_render(args) -> None:
     store = load_store(RESULTS / "heal.json")
     rows = store["rows"]
@@ -304,7 +308,7 @@ def cmd_render(args) -> None:
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
-                f"| {r['k']} | {LABELS.get(r['start'], r['start'])} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
+                f"| {r['k']} | {LABELS.get(r['start'], r['start'])}{rounds(r)} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
                 f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} x {r['lr']:g} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
                 f"{fmt(c.get('lee_top1_agree'), '{:.3f}')} | {c['wiki_ppl'] / dense['wiki_ppl']:.2f} | {c['lee_ppl'] / dense['lee_ppl']:.2f} | {c['train_seconds']:.0f} |"
                 + ("" if r["complete"] or c is not r["checkpoints"][-1] else " (run incomplete)")
@@ -314,7 +318,7 @@ def cmd_render(args) -> None:
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in probes:
         for c in r["checkpoints"]:
-            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
+            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']}{rounds(r)} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
                                f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} | "
                                f"{fmt(c.get('heldaside_mmlu_ppl'))} |")
     for d in {json.dumps(r["dense"], sort_keys=True): r["dense"] for r in probes}.values():

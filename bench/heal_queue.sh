@@ -62,17 +62,22 @@ if [[ $STAGE == 6 ]]; then
   # (merges at steps 0, 32, 64 of 196: the same share of the run); then the cells that matter most of those left.
   R="--loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1"
   P="--heldaside 8 --start norefit --k 9 --batch-size 1 --warmup 12 --lr 1.5e-4 --checkpoints 8 --loss kd --temperature 1 --hidden-weight 1.0"
-  run probe-norefit-r3 $P --rounds 3 --merge-every 5
-  read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-r3)"
+  # (As run, this probe was named probe-norefit-r3 and renamed in the JSON afterwards: "r3" names the recipe.)
+  run probe-norefit-progressive3 $P --rounds 3 --merge-every 5
+  read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-progressive3)"
   echo "chosen: $BEST"
   C="--checkpoints 0 12 25 49"
-  if [[ $BEST == probe-norefit-r3 ]]; then run norefit-k9-kd-100k-r3-progressive --start norefit --k 9 $R --rounds 3 --merge-every 32 --checkpoints 25 49; fi
+  if [[ $BEST == probe-norefit-progressive3 ]]; then run norefit-k9-kd-100k-r3-progressive --start norefit --k 9 $R --rounds 3 --merge-every 32 --checkpoints 25 49; fi
   L="--loss lm --batch-size 1 --warmup 12 --lr 1.5e-4"
   run paper-k6-kd-100k-r3 --start paper --k 6 $R $C
   run tail-k6-kd-tail-100k-r3 --start tail --k 6 $R --trainable tail $C
   run norefit-k9-lm-100k-r3 --start norefit --k 9 $L $C
   run replaceme-k6-lm-100k-r3 --start replaceme --k 6 $L $C
   run ours-k6-lm-100k-r3 --start ours --k 6 $L $C
+  # After the k = 6 LM rows beat KD on perplexity (ReplaceMe and ours), by hand: KD + half the LM loss, same rule.
+  run probe-norefit-lm0.5 $P --lm-weight 0.5
+  read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-lm0.5)"
+  if [[ $BEST == probe-norefit-lm0.5 ]]; then run norefit-k9-kd-100k-r3-lm0.5 --start norefit --k 9 $R --lm-weight 0.5 $C; fi
   echo "$(date -u +%T) stage 6 done"
   exit 0
 fi
