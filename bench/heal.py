@@ -248,10 +248,10 @@ def cmd_run(args) -> None:
             if trainer.global_step in to_step.values() and trainer.global_step > 0:
                 evaluate(trainer.global_step, self.seconds)
 
+    common = dict(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
     if not progressive:
-        trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=[Checkpoints()])
+        trainer = L.Trainer(**common, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Checkpoints()])
         trainer.fit(module, train_dataloaders=data.train_dataloader())
         return
     from lightning_mka.callbacks import MergeCallback
@@ -259,9 +259,8 @@ def cmd_run(args) -> None:
     merge = MergeCallback(target_layers=30 - args.k, merges_per_validation=-(-args.k // args.rounds), similarity="npib", num_points=1024,
                           merge_operator="parallel_pruned", prune_refit=args.start == "ours", seed=0, evaluate_before_healing=False)
     root = CACHE / "progressive-runs" / name  # the callback's plan and heatmaps: never into the repository
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, precision=args.precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=-1, val_check_interval=args.merge_every,
-                        check_val_every_n_epoch=None, default_root_dir=str(root), callbacks=[merge, Checkpoints()])
+    trainer = L.Trainer(**common, num_sanity_val_steps=-1, val_check_interval=args.merge_every, check_val_every_n_epoch=None,
+                        default_root_dir=str(root), callbacks=[merge, Checkpoints()])
     trainer.fit(module, datamodule=data)
     assert len(module.merge_plan) == args.k, module.merge_plan
 

@@ -60,14 +60,9 @@ def layer_parameters(model: nn.Module, layers: nn.ModuleList) -> list[nn.Paramet
     """Every decoder layer and the final norm; not the input embeddings or the output head (``trainable: layers``:
     the vocabulary matrices, a large share of a small model's parameters and of the optimizer state, stay as the dense
     model learned them)."""
-    modules = [*layers, getattr(getattr(model, "model", model), "norm", None)]
+    modules = [m for m in (*layers, getattr(getattr(model, "model", model), "norm", None)) if m is not None]
     frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()}
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters() if module is not None else ():
-            if id(p) not in frozen:
-                seen.setdefault(id(p), p)
-    return list(seen.values())
+    return [p for m in modules for p in m.parameters() if id(p) not in frozen]
 
 
 def tail_parameters(model: nn.Module, layers: nn.ModuleList, count: int) -> list[nn.Parameter]:

@@ -73,10 +73,11 @@ class ExportCallback(Callback):
         if hasattr(pl_module, "fold_adapters"):
             pl_module.fold_adapters()
         assert self.export_dir is not None
-        if "{layers}" in self.template and num_layers(pl_module.model) != exported_depth(trainer, num_layers(pl_module.model)):
-            rank_zero_warn(f"{self.export_dir} names the planned depth, but the model has {num_layers(pl_module.model)} layers: the merges did not finish")
+        depth = num_layers(pl_module.model)
+        if "{layers}" in self.template and depth != exported_depth(trainer, depth):
+            rank_zero_warn(f"{self.export_dir} names the planned depth, but the model has {depth} layers: the merges did not finish")
         plan = [*getattr(pl_module, "source_plan", []), *getattr(pl_module, "merge_plan", [])]
-        report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": num_layers(pl_module.model),
+        report = {"model": pl_module.hparams.get("model"), "teacher": pl_module.hparams.get("teacher"), "layers": depth,
                   "global_step": trainer.global_step, "metrics_first_validation": self._first, "metrics_after": dict(getattr(pl_module, "last_metrics", {}))}
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         extra = {"mka_merge_plan.json": {"steps": plan}, "mka_heal.json": report}
