@@ -195,14 +195,16 @@ def cmd_run(args) -> None:
     # Checkpoints count 2,048-token units whatever the batch, so rows with different batch sizes compare at equal tokens.
     if args.batch_size < 1 or any(c * BATCH % args.batch_size for c in args.checkpoints):
         sys.exit(f"error: --batch-size {args.batch_size} must be >= 1 and divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
+    if args.rounds < 1 or args.merge_every < 1:
+        sys.exit(f"error: --rounds {args.rounds} and --merge-every {args.merge_every} must be >= 1; e.g. --rounds 3 --merge-every 32")
+    progressive = args.rounds > 1
+    if progressive and args.start not in ("ours", "norefit"):
+        sys.exit(f"error: --rounds {args.rounds} merges in the fit, with our merge: use --start ours or norefit")
     to_step = {c: c * BATCH // args.batch_size for c in args.checkpoints}
     steps = max(to_step.values())
     tokens_per_step = args.batch_size * SEQ
     data = data_module(steps, args.heldaside, args.train_text, args.batch_size)
     dense = dense_reference(data, args.heldaside)
-    progressive = args.rounds > 1
-    if progressive and args.start not in ("ours", "norefit"):
-        sys.exit(f"error: --rounds {args.rounds} merges in the fit, with our merge: use --start ours or norefit")
     # Progressive: the dense model merged in the fit, ceil(k / rounds) merges after the dense validation and after every
     # --merge-every steps, KD in between (MergeCallback as in `lightning-mka fit`), instead of healing a cached start.
     source = DENSE if args.start == "dense" or progressive else str(start_dir(args.start, args.k))
