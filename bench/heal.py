@@ -212,12 +212,12 @@ def cmd_run(args) -> None:
     options = dict(teacher=DENSE, temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
     L.seed_everything(0)
     module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
-                       lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, **options)
+                       lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, merged_lr_scale=args.merged_lr_scale, **options)
     name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-progressive{args.rounds}" if progressive else "") + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
-           "hidden_weight": args.hidden_weight if kd else None, "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
+           "hidden_weight": args.hidden_weight if kd else None, **({"merged_lr_scale": args.merged_lr_scale} if args.merged_lr_scale != 1.0 else {}), "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
            **({"rounds": args.rounds, "merge_every": args.merge_every} if progressive else {}), "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
 
     def evaluate(step: int, seconds: float) -> None:
@@ -295,6 +295,17 @@ def rounds(row: dict) -> str:
     return f", merged in the fit in {row['rounds']} rounds {row['merge_every']} steps apart" if row.get("rounds") else ""
 
 
+def loss_label(row: dict, hidden: bool = True) -> str:
+    if row["loss"] == "lm":
+        return "lm"
+    return (f"kd T={row['temperature']:g}" + (f" +hidden {row['hidden_weight']:g}" if hidden and row["hidden_weight"] else "")
+            + (f" +LM {row['lm_weight']:g}" if row.get("lm_weight") else ""))
+
+
+def lr_label(row: dict) -> str:
+    return f"{row['lr']:g}" + (f" (merged x{row['merged_lr_scale']:g})" if row.get("merged_lr_scale") else "")
+
+
 def cmd_render(args) -> None:
     store = load_store(RESULTS / "heal.json")
     rows = store["rows"]
@@ -309,8 +320,8 @@ def cmd_render(args) -> None:
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
-                f"| {r['k']} | {LABELS.get(r['start'], r['start'])}{rounds(r)} | {r['loss']}{'' if r['loss'] == 'lm' else ' T=%g' % r['temperature'] + (' +hidden %g' % r['hidden_weight'] if r['hidden_weight'] else '')} "
-                f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} x {r['lr']:g} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
+                f"| {r['k']} | {LABELS.get(r['start'], r['start'])}{rounds(r)} | {loss_label(r)} "
+                f"| {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} x {lr_label(r)} | {c['tokens']:,} | {c['wiki_ppl']:.2f} | {c['lee_ppl']:.2f} | {fmt(c.get('wiki_top1_agree'), '{:.3f}')} | "
                 f"{fmt(c.get('lee_top1_agree'), '{:.3f}')} | {c['wiki_ppl'] / dense['wiki_ppl']:.2f} | {c['lee_ppl'] / dense['lee_ppl']:.2f} | {c['train_seconds']:.0f} |"
                 + ("" if r["complete"] or c is not r["checkpoints"][-1] else " (run incomplete)")
             )
@@ -319,7 +330,7 @@ def cmd_render(args) -> None:
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in probes:
         for c in r["checkpoints"]:
-            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']}{rounds(r)} | {r['loss']} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} | {r['lr']:g} | {r['schedule']} (warmup {r['warmup']}) | "
+            probe_lines.append(f"| {r['name']} | {r['start']} k={r['k']}{rounds(r)} | {loss_label(r, hidden=False)} | {r['trainable']} | {r.get('train_text', 'wiki')} | {r['tokens_per_step'] // SEQ} | {lr_label(r)} | {r['schedule']} (warmup {r['warmup']}) | "
                                f"{fmt(r['temperature'], '{:g}')} | {fmt(r['hidden_weight'], '{:g}')} | {c['tokens']:,} | {c['heldaside_ppl']:.2f} | {fmt(c.get('heldaside_top1_agree'), '{:.3f}')} | "
                                f"{fmt(c.get('heldaside_mmlu_ppl'))} |")
     for d in {json.dumps(r["dense"], sort_keys=True): r["dense"] for r in probes}.values():
@@ -377,6 +388,7 @@ def main() -> None:
     run.add_argument("--trainable", default="all")
     run.add_argument("--tail-layers", type=int, default=3)
     run.add_argument("--lr", type=float, default=3e-4)
+    run.add_argument("--merged-lr-scale", type=float, default=1.0, help="learning rate of the merged layers / the others (MKAModule merged_lr_scale)")
     run.add_argument("--schedule", default="cosine")
     run.add_argument("--warmup", type=int, default=3)
     run.add_argument("--temperature", type=float, default=1.0)

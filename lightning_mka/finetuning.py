@@ -49,11 +49,14 @@ def depth_before(depth: int, plan: Iterable[dict]) -> int:
     return depth + sum(1 if r.get("op", "merge") == "merge" else len(r["remove"]) for r in plan)
 
 
+def merged_layers(depth: int, plan: list[dict]) -> set[int]:
+    """Current indices of the layers that hold two or more original layers."""
+    return {i for i, o in enumerate(current_origins(depth_before(depth, plan), plan)) if len(o) > 1}
+
+
 def layers_next_to_merges(depth: int, plan: list[dict]) -> set[int]:
     """Current indices of merged layers and their immediate neighbours."""
-    origins = current_origins(depth_before(depth, plan), plan)
-    merged = {i for i, o in enumerate(origins) if len(o) > 1}
-    return {j for i in merged for j in (i - 1, i, i + 1) if 0 <= j < depth}
+    return {j for i in merged_layers(depth, plan) for j in (i - 1, i, i + 1) if 0 <= j < depth}
 
 
 def layer_parameters(model: nn.Module, layers: nn.ModuleList) -> list[nn.Parameter]:

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
-from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, tail_parameters
+from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, merged_layers, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
 from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
@@ -62,6 +62,9 @@ class MKAModule(L.LightningModule):
         kd_chunk_tokens: tokens per chunk of the distillation loss (memory is bounded by one chunk's logits).
         lr_schedule: ``constant`` | ``cosine`` (cosine decay to ``min_lr_ratio`` over the run's training steps), both
             after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.
+        merged_lr_scale: the learning rate of the layers that hold two or more original layers (this fit's merges
+            and those of a loaded export) is this many times the others'; 1.0: one rate for every parameter. The
+            optimizer gets two parameter groups (also a given ``optimizer``); not under FSDP.
         execution: ``whole`` (default: the model on the device) | ``layerwise`` (one decoder layer at a time on the
             device, for models bigger than it: compression and evaluation, not ``fit``); see ``lightning_mka.execution``.
         offload: where weights rest under ``layerwise``: ``cpu`` (default) | ``disk`` (read from the model's
@@ -92,6 +95,7 @@ class MKAModule(L.LightningModule):
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
+        merged_lr_scale: float = 1.0,
         execution: str = "whole",
         offload: str | None = None,
         offload_dir: str | None = None,
@@ -100,7 +104,7 @@ class MKAModule(L.LightningModule):
         parse_dtype(dtype)
         check_execution(execution, offload)
         check_trainable(trainable, lora_rank, tail_layers)
-        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio)
+        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
@@ -176,6 +180,8 @@ class MKAModule(L.LightningModule):
         the flat sharded parameters."""
         if is_sharded(strategy) and self.hparams.trainable != "all":
             raise MKAError(f"trainable: {self.hparams.trainable} under {sharding_name(strategy)} would change sharded parameters; heal with trainable: all under FSDP, or use DDP")
+        if is_sharded(strategy) and self.hparams.get("merged_lr_scale", 1.0) != 1.0:
+            raise MKAError(f"merged_lr_scale: {self.hparams.merged_lr_scale} under {sharding_name(strategy)} would split sharded parameters into groups; use merged_lr_scale: 1.0 under FSDP, or DDP")
 
     @override
     def setup(self, stage: str) -> None:
@@ -276,10 +282,14 @@ class MKAModule(L.LightningModule):
     def configure_optimizers(self):
         # Frozen parameters get no gradients and are skipped by the optimizer; it needs at least one parameter.
         params = [p for p in self.parameters() if p.requires_grad] or list(self.parameters())
+        scale = self.hparams.get("merged_lr_scale", 1.0)
+        groups = self._merged_lr_groups(params) if scale != 1.0 else None
         if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(params)
+            optimizer = self.optimizer_factory(groups or params)
         else:
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate)
+            optimizer = torch.optim.AdamW(groups or params, lr=self.hparams.learning_rate)
+        if groups:
+            optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"] * scale  # before a scheduler records it
         if self.lr_scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
         hp = self.hparams
@@ -295,6 +305,15 @@ class MKAModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _merged_lr_groups(self, params: list[torch.nn.Parameter]) -> list[dict] | None:
+        """Two parameter groups: every parameter but those of the merged layers, then those (``merged_lr_scale``);
+        None while no layer is merged (one rate: nothing to scale yet)."""
+        layers = decoder_stack(self.model)[1]
+        merged = {id(p) for i in merged_layers(len(layers), [*self.source_plan, *self.merge_plan]) for p in layers[i].parameters()}
+        if not merged:
+            return None
+        return [{"params": [p for p in params if id(p) not in merged]}, {"params": [p for p in params if id(p) in merged]}]
 
     def _total_steps(self) -> int:
         """The run's training steps, over which ``lr_schedule: cosine`` decays (1 outside a trainer)."""
@@ -403,7 +422,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 def check_distillation(model: str, teacher: str | None, temperature: float, kd_weight: float, lm_weight: float, hidden_weight: float,
-                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float) -> None:
+                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float, merged_lr_scale: float = 1.0) -> None:
     """Bad distillation settings, refused before any model is loaded."""
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise MKAError(f"temperature must be > 0, got {temperature!r}; pass e.g. --model.temperature 1.0 (the loss is T^2 * KL at temperature T)")
@@ -421,6 +440,8 @@ def check_distillation(model: str, teacher: str | None, temperature: float, kd_w
         raise MKAError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise MKAError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+    if not isinstance(merged_lr_scale, (int, float)) or not 0 < merged_lr_scale < float("inf"):
+        raise MKAError(f"merged_lr_scale must be a finite number > 0, got {merged_lr_scale!r}; e.g. --model.merged_lr_scale 2.0 (1.0: one rate for every layer)")
     if teacher is None:
         return
     if not isinstance(teacher, str) or not teacher:

@@ -169,6 +169,25 @@ def test_trainable_layers_keeps_the_embeddings_and_head(tiny_model_dir, tiny_cor
     assert torch.equal(module.model.get_output_embeddings().weight, dense.get_output_embeddings().weight)
 
 
+def test_merged_lr_scale_gives_the_merged_layers_their_own_rate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """Two parameter groups after the merges: the merged layers' parameters at ``merged_lr_scale`` x the others' rate,
+    the schedule applied to both; before any merge, one group."""
+    from lightning_mka.finetuning import merged_layers
+
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1e-3, merged_lr_scale=4.0)
+    assert len(module.configure_optimizers().param_groups) == 1  # nothing merged yet
+    merge = MergeCallback(target_layers=4, num_points=128, merges_per_validation=2)
+    module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge], merged_lr_scale=4.0,
+                                  lr_schedule="cosine", warmup_steps=2, max_epochs=2)
+    layers = decoder_stack(module.model)[1]
+    merged = merged_layers(4, module.merge_plan)
+    assert 0 < len(merged) < 4
+    rest, scaled = trainer.optimizers[0].param_groups
+    assert {id(p) for p in scaled["params"]} == {id(p) for i in merged for p in layers[i].parameters()}
+    assert {id(p) for p in rest["params"]} | {id(p) for p in scaled["params"]} == {id(p) for p in module.parameters()}
+    assert 0 < rest["lr"] < 3e-3 and scaled["lr"] == pytest.approx(4 * rest["lr"])  # mid-schedule, in step
+
+
 @pytest.mark.parametrize("trainable", ["merged", "lora"])
 def test_distillation_trains_only_the_chosen_set_and_keeps_the_teacher(trainable, tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     from lightning_mka.finetuning import fold_lora, layers_next_to_merges
@@ -325,6 +344,8 @@ def test_a_teacher_of_another_depth_is_refused_when_layers_are_aligned(tmp_path,
     ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'; use one of constant, cosine"),
     ({"warmup_steps": -2}, "warmup_steps must be an integer >= 0, got -2"),
     ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ({"merged_lr_scale": 0}, r"merged_lr_scale must be a finite number > 0, got 0; e.g. --model.merged_lr_scale 2.0"),
+    ({"merged_lr_scale": float("inf")}, "merged_lr_scale must be a finite number > 0, got inf"),
 ])
 def test_bad_training_settings_are_refused_before_loading(override, message):
     from lightning_mka.errors import MKAError

@@ -130,6 +130,8 @@ def test_refusals_under_fsdp_without_processes(tiny_model_dir):
     with pytest.raises(MKAError, match="trainable: merged under FSDP would change sharded parameters"):
         module.refuse_under_sharding(strategy)
     MKAModule(model=str(tiny_model_dir)).refuse_under_sharding(strategy)  # trainable: all heals under FSDP
+    with pytest.raises(MKAError, match=r"merged_lr_scale: 2.0 under FSDP would split sharded parameters into groups; use merged_lr_scale: 1.0"):
+        MKAModule(model=str(tiny_model_dir), merged_lr_scale=2.0).refuse_under_sharding(strategy)
     with pytest.raises(MKAError, match=r"MergeCallback would drop \(shortgpt\) 6 -> 4 layers under FSDP.*`lightning-mka fit --model.model exports/tiny-llama-mka-4L --trainer.strategy fsdp`"):
         MergeCallback(target_layers=4, method="shortgpt").refuse_under_sharding(strategy, module)
     MergeCallback(target_layers=4).refuse_under_sharding("ddp", module)  # not sharded: merging is fine
