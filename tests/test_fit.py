@@ -1,6 +1,7 @@
 """Merge-then-finetune in one fit run, and checkpoints that survive structure changes."""
 
 import lightning as L
+import pytest
 import torch
 
 from lightning_mka.callbacks import MergeCallback
@@ -9,9 +10,9 @@ from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
 
 
-def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None):
+def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None, merged_lr_scale=1.0):
     L.seed_everything(0)
-    module = MKAModule(model=str(model_dir), learning_rate=1e-3)
+    module = MKAModule(model=str(model_dir), learning_rate=1e-3, merged_lr_scale=merged_lr_scale)
     data = CalibrationDataModule(tokenizer=str(model_dir), calibration=str(corpus), calibration_samples=8, train_samples=12, seq_len=32,
                                  batch_size=4, eval_texts=[str(heldout)], eval_samples=4)
     callback = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1)
@@ -30,11 +31,14 @@ def test_fit_merges_between_epochs_and_rebuilds_the_optimizer(tiny_model_dir, ti
     assert optimized == {id(p) for p in module.parameters()}  # no dead parameters of deleted layers
 
 
-def test_stopped_and_resumed_fit_equals_an_uninterrupted_one(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
-    straight, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", max_epochs=5)
-    first, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=2)
+@pytest.mark.parametrize("merged_lr_scale", [1.0, 2.0])  # 2.0: the optimizer state of two parameter groups resumes too
+def test_stopped_and_resumed_fit_equals_an_uninterrupted_one(merged_lr_scale, tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    straight, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", max_epochs=5, merged_lr_scale=merged_lr_scale)
+    first, trainer = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=2, merged_lr_scale=merged_lr_scale)
     assert len(decoder_stack(first.model)[1]) == 4  # stopped after two merges
-    resumed, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=5, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert len(trainer.optimizers[0].param_groups) == (2 if merged_lr_scale != 1.0 else 1)
+    resumed, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=5, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"),
+                     merged_lr_scale=merged_lr_scale)
     assert resumed.merge_plan == straight.merge_plan
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
