@@ -288,8 +288,9 @@ class MKAModule(L.LightningModule):
             optimizer = self.optimizer_factory(groups or params)
         else:
             optimizer = torch.optim.AdamW(groups or params, lr=self.hparams.learning_rate)
-        if groups:
-            optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"] * scale  # before a scheduler records it
+        for group in optimizer.param_groups if groups else ():
+            if group.get("mka_merged"):
+                group["lr"] = optimizer.defaults["lr"] * scale  # before a scheduler records it as the group's base rate
         if self.lr_scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
         hp = self.hparams
@@ -307,13 +308,12 @@ class MKAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _merged_lr_groups(self, params: list[torch.nn.Parameter]) -> list[dict] | None:
-        """Two parameter groups: every parameter but those of the merged layers, then those (``merged_lr_scale``);
-        None while no layer is merged (one rate: nothing to scale yet)."""
+        """Parameter groups: every parameter but those of the merged layers, then those (marked ``mka_merged``, for
+        ``merged_lr_scale``); an empty group is left out. None while no trainable parameter is in a merged layer."""
         layers = decoder_stack(self.model)[1]
         merged = {id(p) for i in merged_layers(len(layers), [*self.source_plan, *self.merge_plan]) for p in layers[i].parameters()}
-        if not merged:
-            return None
-        return [{"params": [p for p in params if id(p) not in merged]}, {"params": [p for p in params if id(p) in merged]}]
+        groups = [{"params": [p for p in params if id(p) not in merged]}, {"params": [p for p in params if id(p) in merged], "mka_merged": True}]
+        return [g for g in groups if g["params"]] if groups[1]["params"] else None
 
     def _total_steps(self) -> int:
         """The run's training steps, over which ``lr_schedule: cosine`` decays (1 outside a trainer)."""

@@ -183,9 +183,18 @@ def test_merged_lr_scale_gives_the_merged_layers_their_own_rate(tiny_model_dir, 
     merged = merged_layers(4, module.merge_plan)
     assert 0 < len(merged) < 4
     rest, scaled = trainer.optimizers[0].param_groups
+    assert scaled["mka_merged"] and "mka_merged" not in rest
     assert {id(p) for p in scaled["params"]} == {id(p) for i in merged for p in layers[i].parameters()}
     assert {id(p) for p in rest["params"]} | {id(p) for p in scaled["params"]} == {id(p) for p in module.parameters()}
     assert 0 < rest["lr"] < 3e-3 and scaled["lr"] == pytest.approx(4 * rest["lr"])  # mid-schedule, in step
+    # When only merged layers train, the one group left is the merged one, at the scaled rate of a given optimizer.
+    module.model.requires_grad_(False)
+    for i in merged:
+        layers[i].requires_grad_(True)
+    module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.5)
+    module.hparams.lr_schedule, module.hparams.warmup_steps = "constant", 0
+    (only,) = module.configure_optimizers().param_groups
+    assert only["mka_merged"] and only["lr"] == 2.0
 
 
 @pytest.mark.parametrize("trainable", ["merged", "lora"])
