@@ -356,13 +356,13 @@ def cmd_render(args) -> None:
     latest = [r for r in rows if r["tokens_per_step"] == SEQ] or rows
     ks = sorted({r["k"] for r in latest if r["k"]}, reverse=True)
     colors = {name: f"C{i}" for i, name in enumerate(order)}
-    figure, axes = plt.subplots(len(ks), 2, figsize=(12, 4.2 * len(ks)), squeeze=False)
+    figure, axes = plt.subplots(len(ks), 2, figsize=(16, 5.2 * len(ks)), squeeze=False)
     for row_axes, k in zip(axes, ks):
         for axis, key in zip(row_axes, ("wiki_ppl", "lee_ppl")):
             for r in sorted((r for r in latest if r["k"] == k), key=lambda r: order.get(r["start"], 9)):
                 points = [(c["tokens"], c[key]) for c in r["checkpoints"]]
                 axis.plot([p[0] for p in points], [p[1] for p in points], "-" if r["loss"] == "kd" else "--", marker="o", markersize=3,
-                          color=colors.get(r["start"]), label=f"{LABELS.get(r['start'], r['start'])} ({points[-1][1]:.2f})")
+                          color=colors.get(r["start"]), label=f"{LABELS.get(r['start'], r['start'])}, {loss_label(r)}, lr {lr_label(r)} ({points[-1][1]:.2f})")
             axis.axhline(dense[key], color="black", lw=0.8, label=f"dense ({dense[key]:.2f})")
             axis.axhline(1.5 * dense[key], color="gray", lw=0.8, ls=":", label="1.5x dense")
             axis.set_ylim(0.9 * dense[key], 4 * dense[key])
@@ -370,8 +370,8 @@ def cmd_render(args) -> None:
             axis.set_ylabel(f"held-out {key[:-4]} perplexity")
             axis.set_title(f"{k} of 30 layers removed: {key[:-4]}", fontsize=10)
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=7, loc="upper right")
-    figure.suptitle("SmolLM2-135M healed by KD from the dense model, 1 x 512 tokens per step (clipped at 4x dense; all runs in heal.md)")
+            axis.legend(fontsize=6, loc="upper right")
+    figure.suptitle("SmolLM2-135M healed after depth compression, 1 x 512 tokens per step (clipped at 4x dense; all runs in heal.md)")
     figure.tight_layout()
     figure.savefig(RESULTS / "heal.png", dpi=110)
 
