@@ -197,6 +197,8 @@ def cmd_run(args) -> None:
         sys.exit(f"error: --batch-size {args.batch_size} must be >= 1 and divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
     if args.rounds < 1 or args.merge_every < 1:
         sys.exit(f"error: --rounds {args.rounds} and --merge-every {args.merge_every} must be >= 1; e.g. --rounds 3 --merge-every 32")
+    if not 0 < args.merged_lr_scale < float("inf"):
+        sys.exit(f"error: --merged-lr-scale {args.merged_lr_scale:g} must be a finite number > 0; e.g. --merged-lr-scale 2 (1: one rate)")
     progressive = args.rounds > 1
     if progressive and args.start not in ("ours", "norefit"):
         sys.exit(f"error: --rounds {args.rounds} merges in the fit, with our merge: use --start ours or norefit")
