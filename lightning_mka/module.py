@@ -64,7 +64,7 @@ class MKAModule(L.LightningModule):
             after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.
         merged_lr_scale: the learning rate of the layers that hold two or more original layers (this fit's merges
             and those of a loaded export) is this many times the others'; 1.0: one rate for every parameter. The
-            optimizer gets two parameter groups (also a given ``optimizer``); not under FSDP.
+            merged layers get their own optimizer parameter group (also with a given ``optimizer``); not under FSDP.
         execution: ``whole`` (default: the model on the device) | ``layerwise`` (one decoder layer at a time on the
             device, for models bigger than it: compression and evaluation, not ``fit``); see ``lightning_mka.execution``.
         offload: where weights rest under ``layerwise``: ``cpu`` (default) | ``disk`` (read from the model's
@@ -288,7 +288,7 @@ class MKAModule(L.LightningModule):
             optimizer = self.optimizer_factory(groups or params)
         else:
             optimizer = torch.optim.AdamW(groups or params, lr=self.hparams.learning_rate)
-        for group in optimizer.param_groups if groups else ():
+        for group in optimizer.param_groups:
             if group.get("mka_merged"):
                 group["lr"] = optimizer.defaults["lr"] * scale  # before a scheduler records it as the group's base rate
         if self.lr_scheduler_factory is not None:
