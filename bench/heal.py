@@ -116,6 +116,29 @@ def cmd_starts(args) -> None:
             plan = [s.to_json() for s in merger.plan]
             export_pretrained(model, tokenizer, start_dir(start, k), extra_files={"mka_merge_plan.json": {"steps": plan}})
             print(f"{start} k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
+    # npibdrop = NPIB's groups (the no-refit plan's) with a drop instead of a merge: each group keeps its first layer
+    # whole, the rest go. It parts the two halves of our pipeline: the layers NPIB picks, and what the merge does to them.
+    for k in args.ks:
+        out = start_dir("npibdrop", k)
+        if out.exists():
+            continue
+        remove = npib_drop_layers(json.loads((start_dir("norefit", k) / "mka_merge_plan.json").read_text())["steps"])
+        model = load_model("smollm2-135m")
+        drop_layers(model, remove)
+        export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "remove": remove}]}})
+        print(f"npibdrop k={k}: drop {remove}", flush=True)
+
+
+def npib_drop_layers(steps: list[dict]) -> list[int]:
+    """The original layers a drop removes to leave NPIB's merge groups one whole layer each (the first of a group)."""
+    groups = [{i} for i in range(30)]
+    for step in steps:
+        a, b = step["pair_original"]
+        ga, gb = next(g for g in groups if a in g), next(g for g in groups if b in g)
+        if ga is not gb:
+            ga |= gb
+            groups.remove(gb)
+    return sorted(i for g in groups for i in g if i != min(g))
 
 
 TEACHER_SAMPLES = CACHE / "teacher-samples.jsonl"
@@ -272,7 +295,8 @@ def cmd_run(args) -> None:
 # ---- report -----------------------------------------------------------------------------------------------------
 
 LABELS = {"ours": "ours: NPIB + parallel_pruned", "norefit": "NPIB + parallel_pruned without refit", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT",
-          "angular": "angular", "replaceme": "ReplaceMe", "tail": "tail", "dense": "dense fine-tuned (control)"}
+          "angular": "angular", "replaceme": "ReplaceMe", "tail": "tail",
+          "npibdrop": "NPIB groups, dropped (first layer of each kept)", "dense": "dense fine-tuned (control)"}
 
 
 def cmd_sample(args) -> None:
@@ -318,7 +342,7 @@ def cmd_render(args) -> None:
     lines = ["| k | start | loss | trainable | train text | batch x lr | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| 0 | dense | - | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
-    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "dense": 7}
+    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "npibdrop": 7, "dense": 8}
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(

@@ -67,11 +67,16 @@ if [[ $STAGE == 8 ]]; then
   run norefit-k6-kd-100k-r3-$TAG --start norefit --k 6 $R $C
   run replaceme-k6-kd-100k-r3-$TAG --start replaceme --k 6 $R $C
   run ours-k6-kd-100k-r3-$TAG --start ours --k 6 $R $C
+  # (Added while ours-k6 ran, after ReplaceMe won again: why a drop wins at k = 6.) NPIB's groups with a drop instead
+  # of the merge (each group keeps its first layer whole): near ours, the merge operator is not what loses and the
+  # layers NPIB picks are; near the drops, the merge is what costs.
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 6 > "$LOG/starts8.log" 2>&1 || { echo "starts failed"; exit 1; }
+  run npibdrop-k6-kd-100k-r3-$TAG --start npibdrop --k 6 $R $C
   L="--loss lm --batch-size 1 --warmup 12 --lr 1.5e-4"
   run shortgpt-k6-lm-100k-r3 --start shortgpt --k 6 $L $C
   run angular-k6-lm-100k-r3 --start angular --k 6 $L $C
-  run replaceme-k9-lm-100k-r3 --start replaceme --k 9 $L $C
   run angular-k9-lm-100k-r3 --start angular --k 9 $L $C
+  run replaceme-k9-lm-100k-r3 --start replaceme --k 9 $L $C   # ReplaceMe is a peer outside the matrix: last
   echo "$(date -u +%T) stage 8 done"
   exit 0
 fi
