@@ -225,6 +225,8 @@ def cmd_run(args) -> None:
     progressive = args.rounds > 1
     if progressive and args.start not in ("ours", "norefit"):
         sys.exit(f"error: --rounds {args.rounds} merges in the fit, with our merge: use --start ours or norefit")
+    if args.start != "dense" and not progressive and not start_dir(args.start, args.k).exists():
+        sys.exit(f"error: no cached start {start_dir(args.start, args.k)}; build it first: bench/heal.py starts --ks {args.k}")
     to_step = {c: c * BATCH // args.batch_size for c in args.checkpoints}
     steps = max(to_step.values())
     tokens_per_step = args.batch_size * SEQ
