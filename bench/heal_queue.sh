@@ -77,6 +77,9 @@ if [[ $STAGE == 8 ]]; then
   run angular-k6-lm-100k-r3 --start angular --k 6 $L $C
   run angular-k9-lm-100k-r3 --start angular --k 9 $L $C
   run replaceme-k9-lm-100k-r3 --start replaceme --k 9 $L $C   # ReplaceMe is a peer outside the matrix: last
+  # (Added after the rows above, by hand: a plain drop of a contiguous block on the same command as npibdrop, so the
+  # layer-choice comparison at k = 6 does not lean on ReplaceMe's linear transform or on another recipe.)
+  run shortgpt-k6-kd-100k-r3-$TAG --start shortgpt --k 6 $R $C
   echo "$(date -u +%T) stage 8 done"
   exit 0
 fi
