@@ -131,14 +131,9 @@ def cmd_starts(args) -> None:
 
 def npib_drop_layers(steps: list[dict]) -> list[int]:
     """The original layers a drop removes to leave NPIB's merge groups one whole layer each (the first of a group)."""
-    groups = [{i} for i in range(30)]
-    for step in steps:
-        a, b = step["pair_original"]
-        ga, gb = next(g for g in groups if a in g), next(g for g in groups if b in g)
-        if ga is not gb:
-            ga |= gb
-            groups.remove(gb)
-    return sorted(i for g in groups for i in g if i != min(g))
+    from lightning_mka.finetuning import current_origins
+
+    return sorted(i for group in current_origins(30, steps) for i in group[1:])
 
 
 TEACHER_SAMPLES = CACHE / "teacher-samples.jsonl"
