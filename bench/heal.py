@@ -127,6 +127,49 @@ def cmd_starts(args) -> None:
         drop_layers(model, remove)
         export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "remove": remove}]}})
         print(f"npibdrop k={k}: drop {remove}", flush=True)
+    # blockmerge = the other half of that experiment: ShortGPT's layer choice, merged by our operator (no refit, as
+    # the merge + distill recipe ships) instead of dropped. Each removed layer joins its nearest kept layer.
+    todo = [k for k in args.ks if not start_dir("blockmerge", k).exists()]
+    if todo:
+        from compare_methods import mka_config
+
+        data = data_module(0)
+        for k in todo:
+            groups = block_groups(next(r["plan"] for r in rows if r["method"] == "shortgpt" and r["k"] == k))
+            model = load_model("smollm2-135m")
+            merger = LayerMerger(model, mka_config("mka-parallel-pruned-norefit", CAL), lambda: iter(data.calibration_dataloader()), torch.full((CAL,), SEQ))
+            plan = merge_groups(merger, groups)
+            export_pretrained(model, tokenizer, start_dir("blockmerge", k), extra_files={"mka_merge_plan.json": {"steps": plan}})
+            print(f"blockmerge k={k}: groups {groups}", flush=True)
+
+
+def block_groups(remove: list[int], depth: int = 30) -> list[list[int]]:
+    """Each removed layer with its nearest kept layer (the earlier one on a tie): the groups a merge folds into one
+    layer each so that exactly the drop's layers disappear. Groups are contiguous runs of original layers."""
+    kept = [i for i in range(depth) if i not in set(remove)]
+    home = {i: i for i in kept} | {r: min(kept, key=lambda j: (abs(j - r), j)) for r in remove}
+    groups: dict[int, list[int]] = {}
+    for i in range(depth):
+        groups.setdefault(home[i], []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def merge_groups(merger, groups: list[list[int]]) -> list[dict]:
+    """Merge every group of contiguous original layers into one layer with ``merger``'s operator, pair by pair from
+    its first layer (no similarity scoring); returns the replayable plan."""
+    plan = []
+    for group in groups:
+        for _ in group[1:]:
+            l = next(i for i, o in enumerate(merger.origins) if o[0] == group[0])
+            kept = merger._apply(l, l + 1, None, merger.config.merge_operator)
+            merged = sorted(merger.origins[l] + merger.origins[l + 1])
+            plan.append({"step": len(plan) + 1, "pair": [l, l + 1], "pair_original": [merger.origins[l][0], merger.origins[l + 1][0]],
+                         "merged_original": merged, "score": None, "alpha": None, "depth_after": merger.depth - 1, "rescored": False,
+                         "op": "merge", "operator": merger.config.merge_operator, "kept_kv_groups": kept["kept_kv_groups"],
+                         "kept_neurons": kept["kept_neurons"], "damage": None, "calibration_nll": None})
+            merger.origins[l] = merged
+            del merger.origins[l + 1]
+    return plan
 
 
 def npib_drop_layers(steps: list[dict]) -> list[int]:
@@ -293,7 +336,8 @@ def cmd_run(args) -> None:
 
 LABELS = {"ours": "ours: NPIB + parallel_pruned", "norefit": "NPIB + parallel_pruned without refit", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT",
           "angular": "angular", "replaceme": "ReplaceMe", "tail": "tail",
-          "npibdrop": "NPIB groups, dropped (first layer of each kept)", "dense": "dense fine-tuned (control)"}
+          "npibdrop": "NPIB groups, dropped (first layer of each kept)",
+          "blockmerge": "ShortGPT's layers, merged (ours, no refit) into the nearest kept layer", "dense": "dense fine-tuned (control)"}
 
 
 def cmd_sample(args) -> None:
@@ -339,7 +383,7 @@ def cmd_render(args) -> None:
     lines = ["| k | start | loss | trainable | train text | batch x lr | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| 0 | dense | - | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
-    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "npibdrop": 7, "dense": 8}
+    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "npibdrop": 7, "blockmerge": 8, "dense": 9}
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(

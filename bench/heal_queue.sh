@@ -10,7 +10,8 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 3: steps per token and temperature probes; 4: every start over 100,352 tokens;
                                # 5: two more levers, then the empty cells of the matrix; 6: a third lever, then the cells that matter most;
                                # 7: lr / LM weight / hidden term for the KD + LM recipe, then 4x the budget;
-                               # 8: the stage-7 recipe at k = 6 (ours and ReplaceMe), then the LM cells left empty
+                               # 8: the stage-7 recipe at k = 6 (ours and ReplaceMe), then the LM cells left empty;
+                               # 9: a drop's layer choice merged by our operator (blockmerge), rows and held-aside probes
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -53,6 +54,28 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 9 ]]; then
+  # The hypothesis stage 8 left open: ShortGPT's layers (the contiguous block that heals best as a drop) merged by our
+  # operator (no refit, as the merge + distill recipe ships; each removed layer joins its nearest kept layer) instead
+  # of dropped, on the stage-7 command. Near ShortGPT's drop or below: the choice of layers is the whole k = 6 loss,
+  # and a merge of the right layers beats the drop. Then held-aside probes (16,384 tokens) of blockmerge against
+  # NPIB's choice (norefit) and the drop at both depths: any change to the recipe's layer choice is decided on them
+  # (rule, written before they ran: the lowest geometric mean of the two held-aside perplexities, at both depths).
+  TAG=lr3e-4-lm0.5-hw0.0-m2
+  R="--loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  C="--checkpoints 0 12 25 49"
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 6 9 > "$LOG/starts9.log" 2>&1 || { echo "starts failed"; exit 1; }
+  run blockmerge-k6-kd-100k-r3-$TAG --start blockmerge --k 6 $R $C
+  P="--heldaside 8 --batch-size 1 --warmup 12 --checkpoints 8 --loss kd --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  run probe-blockmerge-k6-$TAG $P --start blockmerge --k 6
+  run probe-norefit-k6-$TAG $P --start norefit --k 6
+  run probe-shortgpt-k6-$TAG $P --start shortgpt --k 6
+  run probe-blockmerge-k9-$TAG $P --start blockmerge --k 9
+  run probe-shortgpt-k9-$TAG $P --start shortgpt --k 9   # norefit at k = 9: probe-norefit-lr3e-4-lm0.5-hw0.0-merged2 (stage 7)
+  run blockmerge-k9-kd-100k-r3-$TAG --start blockmerge --k 9 $R $C
+  echo "$(date -u +%T) stage 9 done"
   exit 0
 fi
 if [[ $STAGE == 8 ]]; then
