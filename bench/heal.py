@@ -258,6 +258,8 @@ def cmd_run(args) -> None:
         sys.exit(f"error: --batch-size {args.batch_size} must be >= 1 and divide {BATCH} x every checkpoint; e.g. --batch-size 1, 2 or 4")
     if args.rounds < 1 or args.merge_every < 1:
         sys.exit(f"error: --rounds {args.rounds} and --merge-every {args.merge_every} must be >= 1; e.g. --rounds 3 --merge-every 32")
+    if not 0 < args.adam_beta2 < 1:
+        sys.exit(f"error: --adam-beta2 {args.adam_beta2:g} must be in (0, 1); e.g. --adam-beta2 0.95 (AdamW's default: 0.999)")
     if not 0 < args.merged_lr_scale < float("inf"):
         sys.exit(f"error: --merged-lr-scale {args.merged_lr_scale:g} must be a finite number > 0; e.g. --merged-lr-scale 2 (1: one rate)")
     progressive = args.rounds > 1
@@ -276,13 +278,16 @@ def cmd_run(args) -> None:
     kd = args.loss == "kd"
     options = dict(teacher=DENSE, temperature=args.temperature, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight) if kd else {}
     L.seed_everything(0)
-    module = MKAModule(model=source, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
+    # A second-moment decay other than AdamW's default goes through the module's optimizer factory, as `optimizer:`
+    # in a fit config would (the module still scales the merged layers' rate).
+    optimizer = None if args.adam_beta2 == 0.999 else (lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.adam_beta2)))
+    module = MKAModule(model=source, optimizer=optimizer, learning_rate=args.lr, trainable=args.trainable, tail_layers=args.tail_layers,
                        lr_schedule=args.schedule, warmup_steps=args.warmup, min_lr_ratio=0.1, merged_lr_scale=args.merged_lr_scale, **options)
     name = args.name or f"{args.start}-k{args.k}-{args.loss}" + (f"-progressive{args.rounds}" if progressive else "") + (f"-{args.trainable}" if args.trainable != "all" else "") + (f"-b{args.batch_size}" if args.batch_size != BATCH else "") + ("" if args.train_text == "wiki" else f"-{args.train_text}")
     out = RESULTS / ("heal_probes.json" if args.heldaside else "heal.json")
     row = {"name": name, "start": args.start, "k": args.k, "loss": args.loss, "trainable": args.trainable, "lr": args.lr, "schedule": args.schedule,
            "warmup": args.warmup, "temperature": args.temperature if kd else None, "lm_weight": args.lm_weight if kd else None,
-           "hidden_weight": args.hidden_weight if kd else None, **({"merged_lr_scale": args.merged_lr_scale} if args.merged_lr_scale != 1.0 else {}), "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
+           "hidden_weight": args.hidden_weight if kd else None, **({"merged_lr_scale": args.merged_lr_scale} if args.merged_lr_scale != 1.0 else {}), **({"adam_beta2": args.adam_beta2} if args.adam_beta2 != 0.999 else {}), "precision": args.precision, "tokens_per_step": tokens_per_step, "train_text": args.train_text,
            **({"rounds": args.rounds, "merge_every": args.merge_every} if progressive else {}), "dense": dense["metrics"], "checkpoints": [], "complete": False, "planned_steps": steps}
 
     def evaluate(step: int, seconds: float) -> None:
@@ -370,7 +375,8 @@ def loss_label(row: dict, hidden: bool = True) -> str:
 
 
 def lr_label(row: dict) -> str:
-    return f"{row['lr']:g}" + (f" (merged x{row['merged_lr_scale']:g})" if row.get("merged_lr_scale") else "")
+    return (f"{row['lr']:g}" + (f" (merged x{row['merged_lr_scale']:g})" if row.get("merged_lr_scale") else "")
+            + (f" (beta2 {row['adam_beta2']:g})" if row.get("adam_beta2") else ""))
 
 
 def cmd_render(args) -> None:
@@ -456,6 +462,7 @@ def main() -> None:
     run.add_argument("--tail-layers", type=int, default=3)
     run.add_argument("--lr", type=float, default=3e-4)
     run.add_argument("--merged-lr-scale", type=float, default=1.0, help="learning rate of the merged layers / the others (MKAModule merged_lr_scale)")
+    run.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay (default 0.999)")
     run.add_argument("--schedule", default="cosine")
     run.add_argument("--warmup", type=int, default=3)
     run.add_argument("--temperature", type=float, default=1.0)

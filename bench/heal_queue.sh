@@ -12,7 +12,8 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 7: lr / LM weight / hidden term for the KD + LM recipe, then 4x the budget;
                                # 8: the stage-7 recipe at k = 6 (ours and ReplaceMe), then the LM cells left empty;
                                # 9: a drop's layer choice merged by our operator (blockmerge), rows and held-aside probes;
-                               # 10: the k = 9 start (NPIB's choice or ShortGPT's) on held-aside text at the full budget
+                               # 10: the k = 9 start (NPIB's choice or ShortGPT's) on held-aside text at the full budget;
+                               # 11: AdamW's beta2 0.95 for that start, on held-aside text at the full budget
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -55,6 +56,28 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 11 ]]; then
+  # One optimizer lever no stage measured: AdamW's second-moment decay. At 0.999 its average spans ~1,000 steps, five
+  # times this run, so the large gradients of the first steps (a start far from the dense model) keep shrinking the
+  # later steps; 0.95 forgets them within ~20 steps. Measured on held-aside text at the full budget for the k = 9
+  # start stage 10 chose (rule, written before it ran: it wins if its geometric mean is lower than that start's
+  # stage-10 row; a winner gets its evaluation row).
+  TAG=lr3e-4-lm0.5-hw0.0-m2
+  P="--heldaside 8 --batch-size 1 --warmup 12 --checkpoints 0 12 25 49 --loss kd --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  flock /work/bench.lock true   # stage 10's last row must be complete before its rows are compared
+  read -r BEST _ < <(best_probe probe100k-norefit-k9-$TAG probe100k-shortgpt-k9-$TAG)
+  START=$(sed -E 's/^probe100k-([a-z]+)-k9-.*/\1/' <<<"$BEST")
+  echo "stage 10 chose $START ($BEST)"
+  run probe100k-$START-k9-$TAG-b2-0.95 $P --start $START --k 9 --adam-beta2 0.95
+  read -r WIN _ < <(best_probe $BEST probe100k-$START-k9-$TAG-b2-0.95)
+  echo "beta2 probe: $WIN wins"
+  if [[ $WIN == *b2-0.95 ]]; then
+    run $START-k9-kd-100k-r3-$TAG-b2-0.95 --start $START --k 9 --loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 \
+      --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2 --adam-beta2 0.95 --checkpoints 0 12 25 49
+  fi
+  echo "$(date -u +%T) stage 11 done"
   exit 0
 fi
 if [[ $STAGE == 10 ]]; then
