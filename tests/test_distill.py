@@ -385,7 +385,7 @@ def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout,
     assert any(not torch.equal(a.mlp.down_proj.weight, decoder_stack(dense)[1][i].mlp.down_proj.weight) for a, i in zip(trained, kept))
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml", "smollm2-135m-drop-distill.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-mka-distill.yaml", "smollm2-135m-heal-export.yaml", "smollm2-135m-drop-distill.yaml", "smollm2-135m-shortgpt-distill.yaml"])
 def test_heal_recipes_name_real_options(name):
     """The shipped recipes only use MKAModule / callback / datamodule arguments that exist (no model is loaded)."""
     import inspect
