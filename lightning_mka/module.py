@@ -117,6 +117,7 @@ class MKAModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.merge_plan: list[dict] = []  # set by MergeCallback; replayed when a checkpoint is loaded
         self.last_metrics: dict[str, float] = {}
+        self.last_metrics_step = 0  # the trainer's global step when ``last_metrics`` were measured
         self._reference_top1: dict[tuple[str, int], torch.Tensor] = {}
         self._evaluator: Evaluator | None = None
 
@@ -364,6 +365,7 @@ class MKAModule(L.LightningModule):
             was_training = self.model.training
             self.model.eval()
             self.last_metrics = self._new_evaluator(self._val_names(len(loaders))).run(self.model, loaders, on_batch=progress.update)
+            self.last_metrics_step = trainer.global_step if trainer is not None else 0
             self.model.train(was_training)
         return self.last_metrics
 
@@ -382,6 +384,7 @@ class MKAModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         assert self._evaluator is not None
         metrics = self.last_metrics = self._evaluator.summary()
+        self.last_metrics_step = self.trainer.global_step
         if not self.trainer.sanity_checking:
             for key, value in metrics.items():
                 self.log(f"val/{key}", value, rank_zero_only=True, add_dataloader_idx=False)

@@ -19,7 +19,7 @@ from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
 
 
-def heal(model_dir, corpus, heldout, root, trainable="all", max_epochs=3, lr=3e-3, **merge):
+def heal(model_dir, corpus, heldout, root, trainable="all", max_epochs=3, lr=3e-3, max_steps=-1, **merge):
     L.seed_everything(0)
     module = MKAModule(model=str(model_dir), learning_rate=lr, trainable=trainable)
     data = CalibrationDataModule(tokenizer=str(model_dir), calibration=str(corpus), calibration_samples=8, train_samples=24, seq_len=32,
@@ -27,7 +27,7 @@ def heal(model_dir, corpus, heldout, root, trainable="all", max_epochs=3, lr=3e-
     options = dict(target_layers=4, num_points=128, merges_per_validation=2)
     options.update(merge)
     callback = MergeCallback(**options)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=[callback], logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, callbacks=[callback], logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=-1)
     trainer.fit(module, datamodule=data)
     results = json.loads((root / "logs" / "version_0" / "results.json").read_text())
@@ -51,6 +51,16 @@ def test_full_sanity_check_merges_before_training_and_healing_helps(tiny_model_d
     assert healed < unhealed  # fine-tuning on training text lowered held-out perplexity
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters()}
+
+
+def test_a_fit_that_stops_mid_epoch_reports_the_model_it_exports(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """max_steps ends the fit after training steps that no validation followed: metrics_after must be measured on
+    the trained model, not repeat the merged-before-healing evaluation (the last one the loop ran)."""
+    module, trainer, results = heal(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, max_steps=3)
+    assert trainer.global_step == 3 < trainer.num_training_batches  # stopped mid-epoch: no validation after training
+    name = f"{tiny_heldout}_ppl"
+    assert results["metrics_after"][name] != results["metrics_after_merge_before_healing"][name]
+    assert results["metrics_after"][name] == pytest.approx(module.evaluate(trainer.val_dataloaders)[name], rel=1e-6)
 
 
 def test_trainable_merged_only_updates_layers_next_to_merges(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):

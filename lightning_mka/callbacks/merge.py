@@ -494,7 +494,12 @@ class MergeCallback(Callback):
         if hasattr(pl_module, "fold_adapters"):
             pl_module.fold_adapters()  # export plain weights
         if self._plan and not self._finished:
-            self._finish(trainer, pl_module, dict(pl_module.last_metrics))
+            after = dict(pl_module.last_metrics)
+            if trainer.global_step > getattr(pl_module, "last_metrics_step", trainer.global_step) and trainer.val_dataloaders is not None:
+                # The fit stopped after training steps that no validation followed (max_steps mid-epoch): the last
+                # metrics are an earlier model's, not the one exported, so measure this one.
+                after = pl_module.evaluate(trainer.val_dataloaders, desc="evaluation of the compressed model")
+            self._finish(trainer, pl_module, after)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
