@@ -40,6 +40,10 @@ best = rows[min(sys.argv[1:], key=score)]
 print(best["name"], best["tokens_per_step"] // 512, best["lr"], best["warmup"], best["temperature"])
 PYEOF
 }
+# The stage-7 recipe (KD + 0.5 x LM, no hidden term, lr 3e-4, merged layers at 2x), the command of stages 8-11.
+S7_TAG=lr3e-4-lm0.5-hw0.0-m2
+S7="--loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+C="--checkpoints 0 12 25 49"
 if [[ $STAGE == 3 ]]; then
   # Lever: optimizer steps per token. 100k tokens at 4 x 512 per step is only 49 AdamW steps; batch 1 gives 196 for
   # the same tokens. Probes (held-aside text, 16,384 tokens, warmup equal in tokens) against probe-kd-wiki-2 (batch 4,
@@ -64,8 +68,8 @@ if [[ $STAGE == 11 ]]; then
   # later steps; 0.95 forgets them within ~20 steps. Measured on held-aside text at the full budget for the k = 9
   # start stage 10 chose (rule, written before it ran: it wins if its geometric mean is lower than that start's
   # stage-10 row; a winner gets its evaluation row).
-  TAG=lr3e-4-lm0.5-hw0.0-m2
-  P="--heldaside 8 --batch-size 1 --warmup 12 --checkpoints 0 12 25 49 --loss kd --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  TAG=$S7_TAG
+  P="--heldaside 8 $S7 $C"
   flock /work/bench.lock true   # stage 10's last row must be complete before its rows are compared
   read -r BEST _ < <(best_probe probe100k-norefit-k9-$TAG probe100k-shortgpt-k9-$TAG)
   START=$(sed -E 's/^probe100k-([a-z]+)-k9-.*/\1/' <<<"$BEST")
@@ -74,8 +78,7 @@ if [[ $STAGE == 11 ]]; then
   read -r WIN _ < <(best_probe $BEST probe100k-$START-k9-$TAG-b2-0.95)
   echo "beta2 probe: $WIN wins"
   if [[ $WIN == *b2-0.95 ]]; then
-    run $START-k9-kd-100k-r3-$TAG-b2-0.95 --start $START --k 9 --loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 \
-      --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2 --adam-beta2 0.95 --checkpoints 0 12 25 49
+    run $START-k9-kd-100k-r3-$TAG-b2-0.95 --start $START --k 9 $S7 --adam-beta2 0.95 $C
   fi
   echo "$(date -u +%T) stage 11 done"
   exit 0
@@ -86,8 +89,8 @@ if [[ $STAGE == 10 ]]; then
   # 72.14); stage 7 found that 16k-token probes favour what heals fast early. The k = 9 recipe's start is decided here,
   # on held-aside text at the full budget (rule, written before they ran: the lower geometric mean of the two
   # held-aside perplexities at 100,352 tokens), so no evaluation row chooses it.
-  TAG=lr3e-4-lm0.5-hw0.0-m2
-  P="--heldaside 8 --batch-size 1 --warmup 12 --checkpoints 0 12 25 49 --loss kd --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  TAG=$S7_TAG
+  P="--heldaside 8 $S7 $C"
   run probe100k-norefit-k9-$TAG $P --start norefit --k 9
   run probe100k-shortgpt-k9-$TAG $P --start shortgpt --k 9
   echo "$(date -u +%T) stage 10 done"
@@ -100,12 +103,11 @@ if [[ $STAGE == 9 ]]; then
   # and a merge of the right layers beats the drop. Then held-aside probes (16,384 tokens) of blockmerge against
   # NPIB's choice (norefit) and the drop at both depths: any change to the recipe's layer choice is decided on them
   # (rule, written before they ran: the lowest geometric mean of the two held-aside perplexities, at both depths).
-  TAG=lr3e-4-lm0.5-hw0.0-m2
-  R="--loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
-  C="--checkpoints 0 12 25 49"
+  TAG=$S7_TAG
+  R="$S7"
   flock /work/bench.lock "$PY" bench/heal.py starts --ks 6 9 > "$LOG/starts9.log" 2>&1 || { echo "starts failed"; exit 1; }
   run blockmerge-k6-kd-100k-r3-$TAG --start blockmerge --k 6 $R $C
-  P="--heldaside 8 --batch-size 1 --warmup 12 --checkpoints 8 --loss kd --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
+  P="--heldaside 8 $S7 --checkpoints 8"
   run probe-blockmerge-k6-$TAG $P --start blockmerge --k 6
   run probe-norefit-k6-$TAG $P --start norefit --k 6
   run probe-shortgpt-k6-$TAG $P --start shortgpt --k 6
@@ -121,9 +123,8 @@ if [[ $STAGE == 8 ]]; then
   # then the best k = 6 peer on the same command, then ours with the refit (it healed better than no refit at k = 6
   # on r3, a choice seen on the evaluation rows, so it is reported as a second row, not as the recipe); then the LM
   # cells of the matrix no stage reached (r3 LM, the command of the other LM rows).
-  TAG=lr3e-4-lm0.5-hw0.0-m2
-  R="--loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
-  C="--checkpoints 0 12 25 49"
+  TAG=$S7_TAG
+  R="$S7"
   run norefit-k6-kd-100k-r3-$TAG --start norefit --k 6 $R $C
   run replaceme-k6-kd-100k-r3-$TAG --start replaceme --k 6 $R $C
   run ours-k6-kd-100k-r3-$TAG --start ours --k 6 $R $C
@@ -207,7 +208,6 @@ if [[ $STAGE == 6 ]]; then
   run probe-norefit-progressive3 $P --rounds 3 --merge-every 5
   read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-progressive3)"
   echo "chosen: $BEST"
-  C="--checkpoints 0 12 25 49"
   if [[ $BEST == probe-norefit-progressive3 ]]; then run norefit-k9-kd-100k-r3-progressive --start norefit --k 9 $R --rounds 3 --merge-every 32 --checkpoints 25 49; fi
   L="--loss lm --batch-size 1 --warmup 12 --lr 1.5e-4"
   run paper-k6-kd-100k-r3 --start paper --k 6 $R $C
@@ -235,7 +235,6 @@ if [[ $STAGE == 5 ]]; then
   run probe-norefit-mix $P --hidden-weight 1.0 --train-text mix
   read -r BEST _ <<<"$(best_probe probe-norefit-b1-lr1.5e-4 probe-norefit-hidden4 probe-norefit-mix)"
   echo "chosen: $BEST"
-  C="--checkpoints 0 12 25 49"
   case $BEST in
     probe-norefit-hidden4) run norefit-k9-kd-100k-r3-hidden4 --start norefit --k 9 ${R/--hidden-weight 1.0/--hidden-weight 4.0} $C ;;
     probe-norefit-mix)
