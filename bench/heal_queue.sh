@@ -13,7 +13,8 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 8: the stage-7 recipe at k = 6 (ours and ReplaceMe), then the LM cells left empty;
                                # 9: a drop's layer choice merged by our operator (blockmerge), rows and held-aside probes;
                                # 10: the k = 9 start (NPIB's choice or ShortGPT's) on held-aside text at the full budget;
-                               # 11: AdamW's beta2 0.95 for that start, on held-aside text at the full budget
+                               # 11: AdamW's beta2 0.95 for that start, on held-aside text at the full budget;
+                               # 12: the k = 6 recipe (angular + r3 KD) against angular + the k = 9 recipe, held-aside
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -60,6 +61,15 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 12 ]]; then
+  # The k = 6 heal recipe (configs/smollm2-135m-drop-distill.yaml: angular's drop + r3 KD, hidden term 1, lr 1.5e-4)
+  # against the same drop on the k = 9 recipe (stage 7 + beta2 0.95), on held-aside text at the full budget (rule,
+  # written before they ran: the lower geometric mean of the two held-aside perplexities at 100,352 tokens).
+  run probe100k-angular-k6-r3kd --heldaside 8 --start angular --k 6 --loss kd --hidden-weight 1.0 --batch-size 1 --warmup 12 --lr 1.5e-4 --temperature 1 $C
+  run probe100k-angular-k6-$S7_TAG-b2-0.95 --heldaside 8 --start angular --k 6 $S7 --adam-beta2 0.95 $C
+  echo "$(date -u +%T) stage 12 done"
   exit 0
 fi
 if [[ $STAGE == 11 ]]; then
