@@ -157,16 +157,17 @@ def block_groups(remove: list[int], depth: int = 30) -> list[list[int]]:
 def merge_groups(merger, groups: list[list[int]]) -> list[dict]:
     """Merge every group of contiguous original layers into one layer with ``merger``'s operator, pair by pair from
     its first layer (no similarity scoring); returns the replayable plan."""
+    from lightning_mka.merging import MergeStep
+
     plan = []
     for group in groups:
         for _ in group[1:]:
             l = next(i for i, o in enumerate(merger.origins) if o[0] == group[0])
             kept = merger._apply(l, l + 1, None, merger.config.merge_operator)
             merged = sorted(merger.origins[l] + merger.origins[l + 1])
-            plan.append({"step": len(plan) + 1, "pair": [l, l + 1], "pair_original": [merger.origins[l][0], merger.origins[l + 1][0]],
-                         "merged_original": merged, "score": None, "alpha": None, "depth_after": merger.depth - 1, "rescored": False,
-                         "op": "merge", "operator": merger.config.merge_operator, "kept_kv_groups": kept["kept_kv_groups"],
-                         "kept_neurons": kept["kept_neurons"], "damage": None, "calibration_nll": None})
+            plan.append(MergeStep(step=len(plan) + 1, pair=(l, l + 1), pair_original=(merger.origins[l][0], merger.origins[l + 1][0]),
+                                  merged_original=merged, score=None, alpha=None, depth_after=merger.depth - 1, rescored=False,
+                                  operator=merger.config.merge_operator, **kept).to_json())
             merger.origins[l] = merged
             del merger.origins[l + 1]
     return plan
@@ -389,7 +390,7 @@ def cmd_render(args) -> None:
     lines = ["| k | start | loss | trainable | train text | batch x lr | tokens | wiki ppl | lee ppl | wiki top-1 agree | lee top-1 agree | wiki / dense | lee / dense | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| 0 | dense | - | - | - | - | 0 | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | 1.000 | 1.000 | 1.00 | 1.00 | - |"]
-    order = {"ours": 0, "norefit": 1, "paper": 2, "shortgpt": 3, "angular": 4, "replaceme": 5, "tail": 6, "npibdrop": 7, "blockmerge": 8, "dense": 9}
+    order = {start: i for i, start in enumerate(LABELS)}  # the table lists starts in LABELS' order
     for r in sorted(rows, key=lambda r: (r["k"] if r["start"] != "dense" else 99, order.get(r["start"], 9), r["loss"], r["name"])):
         for c in r["checkpoints"]:
             lines.append(
