@@ -105,6 +105,7 @@ class MKAModule(L.LightningModule):
         check_execution(execution, offload)
         check_trainable(trainable, lora_rank, tail_layers)
         check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale)
+        check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
@@ -422,6 +423,17 @@ def rebuild_for_training(trainer: L.Trainer) -> None:
 # ---- helpers (no Lightning state) ------------------------------------------------------------------------------
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_optimizer(optimizer: OptimizerCallable | None) -> None:
+    """Build a given optimizer once on a stand-in parameter, so a bad value (``betas: [0.9, 1.5]``) is refused before
+    any model loads or log directory is written, not when the fit sets up its optimizers."""
+    if optimizer is None:
+        return
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise MKAError(f"model.optimizer: {err}; fix its init_args (e.g. betas: [0.9, 0.95], lr: 3.0e-4)") from None
 
 
 def check_distillation(model: str, teacher: str | None, temperature: float, kd_weight: float, lm_weight: float, hidden_weight: float,

@@ -481,3 +481,13 @@ def test_export_callback_names_the_depth_a_merge_in_the_same_fit_ends_at(tmp_pat
     trainer.callbacks = [export]
     export.setup(trainer, module, "fit")
     assert export.export_dir == str(tmp_path / "tiny-6L")
+
+
+def test_a_bad_optimizer_value_is_refused_before_the_model_loads():
+    """``model.optimizer`` with betas out of range: one MKAError naming it, raised before the (missing) model is read."""
+    from functools import partial
+
+    from lightning_mka.errors import MKAError
+
+    with pytest.raises(MKAError, match=r"model\.optimizer: Invalid beta parameter at index 1: 1\.5; fix its init_args"):
+        MKAModule(model="/nonexistent/model", optimizer=partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 1.5)))
