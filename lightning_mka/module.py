@@ -58,7 +58,8 @@ class MKAModule(L.LightningModule):
         temperature: distillation temperature ``T`` (> 0); the loss is ``T^2 * KL(teacher || student)``.
         kd_weight, lm_weight: weights of the distillation and the LM (next-token cross-entropy) terms.
         hidden_weight: weight of a hidden-state term: relative MSE between every student layer's output and the output
-            of the teacher layer that ends its group in the merge plan (a merged pair ``l+m`` is aligned to ``m``).
+            of the teacher layer the next student layer read in the dense model (a merged pair of neighbours ``l+m``
+            is aligned to ``m``, the layer before a dropped block to the block's last layer).
         kd_chunk_tokens: tokens per chunk of the distillation loss (memory is bounded by one chunk's logits).
         lr_schedule: ``constant`` | ``cosine`` (cosine decay to ``min_lr_ratio`` over the run's training steps), both
             after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.

@@ -61,6 +61,33 @@ def test_kd_loss_equals_hand_computed_kl(chunk):
     assert grad[1, 3:].abs().sum() == 0  # masked tokens do not count
 
 
+def test_chunked_kd_loss_keeps_no_teacher_logits_until_backward():
+    """The memory bound: between the forward and the backward pass no chunk's (tokens x vocabulary) teacher logits stay
+    alive (a checkpointed chunk keeps its inputs: teacher logits passed in would all be kept), and the gradient is the
+    unchunked one."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    student_head, teacher_head = torch.nn.Linear(8, 50), torch.nn.Linear(8, 50)
+    alive = []
+
+    def recording_head(h):
+        out = teacher_head(h)
+        alive.append(weakref.ref(out))
+        return out
+
+    hs = torch.randn(2, 32, 8, requires_grad=True)
+    ht = torch.randn(2, 32, 8)
+    kd, _ = kd_loss(hs, ht, student_head, recording_head, chunk_tokens=8)
+    gc.collect()
+    assert len(alive) == 8 and sum(r() is not None for r in alive) == 0
+    (grad,) = torch.autograd.grad(kd, hs)
+    whole, _ = kd_loss(hs, ht, student_head, teacher_head, chunk_tokens=None)
+    (expected,) = torch.autograd.grad(whole, hs)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_kd_loss_is_zero_for_identical_models_and_refuses_bad_temperature():
     head = torch.nn.Linear(4, 7)
     h = torch.randn(1, 6, 4)
@@ -94,9 +121,14 @@ def test_hidden_mse_over_ranks_is_the_global_batch_ratio():
 
 
 def test_plan_alignment_and_schedule():
-    # merged pairs are aligned to the teacher layer that ends their group; dropped layers vanish
+    # every student layer is aligned to the teacher layer whose output the next student layer was trained to read:
+    # a merged pair of neighbours to the pair's last layer, the layer before a dropped block to the block's last
+    # layer (where a ReplaceMe transform reproduces it), a non-adjacent pair l+m (kept at l, followed by l+1) to l
     assert aligned_teacher_layers(6, [{"pair": [3, 4]}, {"pair": [1, 2]}]) == [0, 2, 4, 5, 6, 7]
-    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2]}]) == [0, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2]}]) == [2, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2], "transform_layer": 0}]) == [2, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"pair": [1, 3]}]) == [0, 1, 3, 4]
+    assert aligned_teacher_layers(3, [{"op": "drop", "remove": [3, 4]}]) == [0, 1, 4]  # the last layer: the teacher's last
     assert aligned_teacher_layers(3, []) == [0, 1, 2]
     assert warmup_cosine(0, 4, 20) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
@@ -369,7 +401,7 @@ def test_bad_training_settings_are_refused_before_loading(override, message):
 
 def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """ShortGPT's drop + KD in one fit (configs/smollm2-135m-drop-distill.yaml, method: angular there): the plan-aligned hidden term
-    skips the dropped layers, the teacher stays whole, and the kept layers train."""
+    aligns the layer before the cut to the dropped block's output, the teacher stays whole, and the kept layers train."""
     merge = MergeCallback(target_layers=4, method="shortgpt", num_points=128)
     module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge], hidden_weight=1.0, max_epochs=2)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -377,7 +409,7 @@ def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout,
     assert len(decoder_stack(module.model)[1]) == 4
     removed = module.merge_plan[0]["remove"]
     kept = [i for i in range(6) if i not in removed]
-    assert aligned_teacher_layers(4, module.merge_plan) == kept
+    assert aligned_teacher_layers(4, module.merge_plan) == [nxt - 1 for nxt in kept[1:]] + [5]  # a cut: the dropped block's output
     rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
     hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
     assert len(hidden) == 8 and all(v > 0 for v in hidden)
