@@ -369,6 +369,12 @@ class MergeCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.refuse_under_sharding(trainer.strategy, pl_module)
+        if self.method != "mka":  # refused here, not after the dense validation
+            if trainer.world_size > 1:
+                raise MKAError(f"method {self.method!r} runs on one process; use method: mka for DDP, or devices: 1")
+            if stage == "fit" and getattr(pl_module, "hparams", {}).get("trainable") == "merged":
+                raise MKAError(f"trainable: merged trains the layers next to merges, and method {self.method!r} drops layers without merging any, "
+                               "so nothing would train; use trainable: all (or layers, lora, tail)")
         depth = num_layers(pl_module.model)
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never inside rank-0 code.
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -460,8 +466,6 @@ class MergeCallback(Callback):
 
     def _drop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A drop baseline: one pass of statistics, then remove ``depth - target`` layers at once."""
-        if trainer.world_size > 1:
-            raise MKAError(f"method {self.method!r} runs on one process; use method: mka for DDP, or devices: 1")
         depth = num_layers(pl_module.model)
         tick = time.perf_counter()
         stats = None
