@@ -570,6 +570,14 @@ def test_a_drop_that_cannot_run_is_refused_at_setup(world_size, trainable, stage
         MergeCallback(target_layers=4).setup(trainer, module, stage)  # mka merges: the merged layers train
 
 
+def test_a_drop_with_trainable_merged_is_refused_by_the_cli_before_anything_is_written(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    config = write_config(tmp_path / "drop.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "out" / "export", method="shortgpt")
+    config.write_text(config.read_text().replace("  logger: false\n", "").replace(f"model:\n  model: {tiny_model_dir}\n", f"model:\n  model: {tiny_model_dir}\n  trainable: merged\n"))
+    cwd = tmp_path / "out"
+    cwd.mkdir()
+    assert_refused(cli("fit", "--config", str(config), cwd=cwd), "trainable: merged trains the layers next to merges, and method 'shortgpt' drops layers", cwd)
+
+
 def test_a_given_lr_scheduler_continues_after_a_merge_mid_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """The optimizer and scheduler are built anew after every merge (they hold the old parameters): a given
     ``lr_scheduler`` continues where it was instead of starting again (here: halving every epoch, with merges at the
