@@ -107,12 +107,8 @@ class MKAModule(L.LightningModule):
         parse_dtype(dtype)
         check_execution(execution, offload)
         check_trainable(trainable, lora_rank, tail_layers)
-        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale)
-        if not distill and teacher is None:  # without a teacher the loss is the plain LM loss: these would be ignored
-            ignored = [f"{n} {v:g}" for n, v, d in (("temperature", temperature, 1.0), ("kd_weight", kd_weight, 1.0), ("lm_weight", lm_weight, 0.0), ("hidden_weight", hidden_weight, 0.0)) if v != d]
-            if ignored:
-                raise MKAError(f"{', '.join(ignored)} only act in distillation, which is off (the loss is the plain LM loss); "
-                               "set --model.distill true (or --model.teacher <dense model>), or leave them at their defaults")
+        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale,
+                           distill=distill)
         check_optimizer(optimizer, learning_rate)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
@@ -475,8 +471,15 @@ def check_optimizer(optimizer: OptimizerCallable | None, learning_rate: float | 
 
 
 def check_distillation(model: str, teacher: str | None, temperature: float, kd_weight: float, lm_weight: float, hidden_weight: float,
-                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float, merged_lr_scale: float = 1.0) -> None:
+                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float, merged_lr_scale: float = 1.0,
+                       distill: bool = True) -> None:
     """Bad distillation settings, refused before any model is loaded."""
+    if not distill and teacher is None:  # without a teacher the loss is the plain LM loss: these would be ignored
+        ignored = [f"{n} {v:g}" for n, v, d in (("temperature", temperature, 1.0), ("kd_weight", kd_weight, 1.0), ("lm_weight", lm_weight, 0.0),
+                                                 ("hidden_weight", hidden_weight, 0.0)) if isinstance(v, (int, float)) and v != d]
+        if ignored:
+            raise MKAError(f"{', '.join(ignored)} only act in distillation, which is off (the loss is the plain LM loss); "
+                           "set --model.distill true (or --model.teacher <dense model>), or leave them at their defaults")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise MKAError(f"temperature must be > 0, got {temperature!r}; pass e.g. --model.temperature 1.0 (the loss is T^2 * KL at temperature T)")
     for name, value in (("kd_weight", kd_weight), ("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
