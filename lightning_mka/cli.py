@@ -114,6 +114,8 @@ class MKACLI(LightningCLI):
         for callback in trainer.callbacks:
             if callable(getattr(callback, "refuse_under_sharding", None)):
                 callback.refuse_under_sharding(trainer.strategy, self.model)
+            if callable(getattr(callback, "refuse_a_drop_that_cannot_run", None)):
+                callback.refuse_a_drop_that_cannot_run(trainer.world_size, self.model, self.subcommand)
         return trainer
 
 

@@ -59,7 +59,11 @@ def kd_loss(
         return zero, (zero if targets is not None else None)
     step = count if not chunk_tokens else int(chunk_tokens)
 
-    def chunk_loss(h_student: torch.Tensor, t_logits: torch.Tensor, chunk_targets: torch.Tensor | None) -> torch.Tensor:
+    def chunk_loss(h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_targets: torch.Tensor | None) -> torch.Tensor:
+        # The teacher's logits are made here, not passed in: a checkpointed function keeps its inputs until backward,
+        # and (tokens x vocabulary) teacher logits for every chunk would undo the chunking.
+        with torch.no_grad():
+            t_logits = teacher_head(h_teacher)
         logits = student_head(h_student)
         kl = kl_sum(logits, t_logits, temperature)
         if chunk_targets is None:
@@ -68,27 +72,33 @@ def kd_loss(
         return torch.stack([kl, ce])
 
     total = hs.new_zeros(1 if tg is None else 2, dtype=torch.float32)
+    ht = ht.detach()
     for start in range(0, count, step):
-        with torch.no_grad():
-            t_logits = teacher_head(ht[start : start + step])
-        piece = hs[start : start + step]
+        piece, teacher_piece = hs[start : start + step], ht[start : start + step]
         piece_targets = None if tg is None else tg[start : start + step]
         if step < count and torch.is_grad_enabled() and piece.requires_grad:
-            # recompute this chunk's logits in backward: memory stays one chunk's logits
-            total = total + checkpoint(chunk_loss, piece, t_logits, piece_targets, use_reentrant=False)
+            # recompute this chunk's logits (student and teacher) in backward: memory stays one chunk's logits
+            total = total + checkpoint(chunk_loss, piece, teacher_piece, piece_targets, use_reentrant=False)
         else:
-            total = total + chunk_loss(piece, t_logits, piece_targets)
+            total = total + chunk_loss(piece, teacher_piece, piece_targets)
     kd = total[0] * (temperature**2) / count
     return kd, (None if tg is None else total[1] / count)
 
 
 def aligned_teacher_layers(student_depth: int, plan: list[dict]) -> list[int]:
-    """For every current (student) layer, the original (teacher) layer whose output it should reproduce: the last
-    original layer of its group (a merged pair ``l+m`` ends at ``m``; a kept layer is itself)."""
-    origins = current_origins(depth_before(student_depth, plan), plan)
+    """For every current (student) layer, the original (teacher) layer whose output it should reproduce: the one just
+    before the next student layer's first original layer, whose output that layer was trained to read (the teacher's
+    last layer for the student's last).
+
+    A merged pair of neighbours ``l+m`` ends at ``m``; the layer before a dropped block ends at the block's last layer
+    (so a ReplaceMe transform, folded there to reproduce the block, is aligned to the block's output, not pulled back
+    to its own); a non-adjacent pair ``l+m`` (kept at ``l``, followed by ``l+1``) ends at ``l``.
+    """
+    teacher_depth = depth_before(student_depth, plan)
+    origins = current_origins(teacher_depth, plan)
     if len(origins) != student_depth:
         raise ValueError(f"the plan leaves {len(origins)} layers but the student has {student_depth}")
-    return [max(o) for o in origins]
+    return [min(origins[i + 1]) - 1 for i in range(student_depth - 1)] + [teacher_depth - 1]
 
 
 def hidden_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], mask: torch.Tensor | None = None,

@@ -106,13 +106,16 @@ class Evaluator:
         reference_top1: ``(name, index) -> predictions`` of the reference (dense) model, shared across calls.
         record_reference: store predictions for keys missing from ``reference_top1`` (set while the model is dense).
         reduce: sums a tensor over ranks (identity on one process).
+        reference_model: record the reference from this model's predictions instead of the evaluated model's (the
+            dense teacher when the evaluated model was compressed before it was loaded).
     """
 
-    def __init__(self, names, num_topics: int, reference_top1: dict, record_reference: bool, reduce=lambda t: t) -> None:
+    def __init__(self, names, num_topics: int, reference_top1: dict, record_reference: bool, reduce=lambda t: t, reference_model=None) -> None:
         self.names = list(names)
         self.reference = reference_top1
         self.record_reference = record_reference
         self.reduce = reduce
+        self.reference_model = reference_model
         zeros = lambda: {n: torch.zeros((), dtype=torch.float64) for n in self.names}  # noqa: E731
         self.nll, self.tokens, self.agree, self.agree_tokens = zeros(), zeros(), zeros(), zeros()
         self.mmlu = MMLUTally(max(1, num_topics))
@@ -133,11 +136,16 @@ class Evaluator:
         nll_sum, count, predictions = shifted_token_nll(logits, batch["input_ids"], batch["attention_mask"])
         self.nll[name] += nll_sum.cpu()
         self.tokens[name] += count
-        for row, index in enumerate(batch["index"].tolist()):
+        indices = batch["index"].tolist()
+        recorded = predictions
+        if self.record_reference and self.reference_model is not None and any((name, i) not in self.reference for i in indices):
+            reference_logits = self.reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            recorded = shifted_token_nll(reference_logits, batch["input_ids"], batch["attention_mask"])[2]
+        for row, index in enumerate(indices):
             key = (name, index)
             pred = predictions[row].cpu()
             if key not in self.reference and self.record_reference:
-                self.reference[key] = pred.to(torch.int32)
+                self.reference[key] = recorded[row].cpu().to(torch.int32)
             reference = self.reference.get(key)
             if reference is not None:
                 self.agree[name] += float((reference == pred).sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ class MKAModule(L.LightningModule):
     Args:
         model: asset name (``smollm2-135m``), local HF dir, ``.gguf`` file or hub id.
         dtype: float32 | bfloat16 | float16 for the weights and compute.
-        learning_rate: AdamW learning rate when no ``optimizer`` is given (fine-tuning after merges).
+        learning_rate: AdamW learning rate when no ``optimizer`` is given (default 1e-5). A given ``optimizer`` trains
+            at its own ``lr``; a different ``learning_rate`` next to it is refused rather than silently ignored.
         optimizer: optional optimizer factory (``OptimizerCallable``); rebuilt after every merge.
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``).
         trainable: which parameters fine-tuning updates: ``all`` | ``layers`` (every decoder layer and the final
@@ -58,7 +60,8 @@ class MKAModule(L.LightningModule):
         temperature: distillation temperature ``T`` (> 0); the loss is ``T^2 * KL(teacher || student)``.
         kd_weight, lm_weight: weights of the distillation and the LM (next-token cross-entropy) terms.
         hidden_weight: weight of a hidden-state term: relative MSE between every student layer's output and the output
-            of the teacher layer that ends its group in the merge plan (a merged pair ``l+m`` is aligned to ``m``).
+            of the teacher layer the next student layer read in the dense model (a merged pair of neighbours ``l+m``
+            is aligned to ``m``, the layer before a dropped block to the block's last layer).
         kd_chunk_tokens: tokens per chunk of the distillation loss (memory is bounded by one chunk's logits).
         lr_schedule: ``constant`` | ``cosine`` (cosine decay to ``min_lr_ratio`` over the run's training steps), both
             after ``warmup_steps`` of linear warmup; ignored when ``lr_scheduler`` is given.
@@ -76,7 +79,7 @@ class MKAModule(L.LightningModule):
         self,
         model: str = "smollm2-135m",
         dtype: str = "float32",
-        learning_rate: float = 1e-5,
+        learning_rate: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         trainable: str = "all",
@@ -104,8 +107,9 @@ class MKAModule(L.LightningModule):
         parse_dtype(dtype)
         check_execution(execution, offload)
         check_trainable(trainable, lora_rank, tail_layers)
-        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale)
-        check_optimizer(optimizer)
+        check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale,
+                           distill=distill)
+        check_optimizer(optimizer, learning_rate)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
@@ -289,7 +293,7 @@ class MKAModule(L.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups or params)
         else:
-            optimizer = torch.optim.AdamW(groups or params, lr=self.hparams.learning_rate)
+            optimizer = torch.optim.AdamW(groups or params, lr=DEFAULT_LEARNING_RATE if self.hparams.learning_rate is None else self.hparams.learning_rate)
         for group in optimizer.param_groups:
             if group.get("mka_merged"):
                 group["lr"] = optimizer.defaults["lr"] * scale  # before a scheduler records it as the group's base rate
@@ -347,8 +351,13 @@ class MKAModule(L.LightningModule):
         return trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
 
     def _new_evaluator(self, names: list[str]) -> Evaluator:
-        # Agreement is measured against the model's own predictions recorded while no merge has happened yet.
-        return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks)
+        # Agreement is measured against the model's own predictions recorded while no merge has happened yet, or, for
+        # a model compressed before it was loaded (an export being healed), against the teacher's: the dense model.
+        reference = None
+        if self.source_plan and self.teacher is not None and not self._reference_top1:
+            reference = self.teacher.to(self.device)
+        return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks,
+                         reference_model=reference)
 
     def evaluate(self, dataloaders, model=None, desc: str = "evaluation") -> dict[str, float]:
         """Run the whole evaluation outside a Lightning loop (e.g. after merging inside ``validate``).
@@ -414,47 +423,79 @@ def rebuild_for_training(trainer: L.Trainer) -> None:
     """After the trainable set or the structure changed mid-fit: the DDP wrapper and the optimizers still hold the old
     parameters. Wrap the module again (every rank made the same change) and build its optimizers anew."""
     strategy = trainer.strategy
+    steps_taken = [getattr(config.scheduler, "last_epoch", 0) for config in trainer.lr_scheduler_configs]
     if isinstance(strategy, DDPStrategy):
         strategy.model = trainer.lightning_module  # the reducer's buckets name the old parameters
         strategy.configure_ddp()
     strategy.setup_optimizers(trainer)
+    fast_forward_schedulers(trainer.lr_scheduler_configs, steps_taken)
+
+
+def fast_forward_schedulers(configs: list, steps_taken: list[int]) -> None:
+    """Schedulers built anew mid-fit start at their step 0: step each as often as its predecessor was stepped, so a
+    given ``lr_scheduler`` continues its schedule after a merge instead of restarting it (warmup again, a cosine back
+    at its peak). The built-in schedule reads the global step and lands where it was either way."""
+    import warnings
+
+    for config, steps in zip(configs, steps_taken):
+        if config.reduce_on_plateau:
+            continue  # driven by a monitored metric, not by a count of steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": intended here
+            for _ in range(steps):
+                config.scheduler.step()
 
 
 # ---- helpers (no Lightning state) ------------------------------------------------------------------------------
 
 LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LEARNING_RATE = 1e-5  # AdamW's rate when neither learning_rate nor an optimizer is given
 
 
-def check_optimizer(optimizer: OptimizerCallable | None) -> None:
+def check_optimizer(optimizer: OptimizerCallable | None, learning_rate: float | None = None) -> None:
     """Build a given optimizer once on a stand-in parameter, so a bad value (``betas: [0.9, 1.5]``) is refused before
-    any model loads or log directory is written, not when the fit sets up its optimizers."""
+    any model loads or log directory is written, not when the fit sets up its optimizers. A given optimizer trains at
+    its own ``lr``: a different ``learning_rate`` would be silently ignored, so the two must agree."""
+    if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0):
+        raise MKAError(f"learning_rate must be a finite number > 0, got {learning_rate!r}; e.g. --model.learning_rate 3.0e-4")
     if optimizer is None:
         return
     try:
-        optimizer([torch.nn.Parameter(torch.zeros(1))])
+        built = optimizer([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         raise MKAError(f"model.optimizer: {err}; fix its init_args (e.g. betas: [0.9, 0.95], lr: 3.0e-4)") from None
+    lr = built.defaults.get("lr")
+    if learning_rate is not None and isinstance(lr, (int, float)) and not math.isclose(lr, learning_rate, rel_tol=1e-9):
+        raise MKAError(f"model.optimizer trains at its own lr {lr:g} but model.learning_rate is {learning_rate:g}; set the same rate in both "
+                       f"(e.g. --model.optimizer.init_args.lr {learning_rate:g}, or --model.learning_rate {lr:g})")
 
 
 def check_distillation(model: str, teacher: str | None, temperature: float, kd_weight: float, lm_weight: float, hidden_weight: float,
-                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float, merged_lr_scale: float = 1.0) -> None:
+                       chunk_tokens: int, lr_schedule: str, warmup_steps: int, min_lr_ratio: float, merged_lr_scale: float = 1.0,
+                       distill: bool = True) -> None:
     """Bad distillation settings, refused before any model is loaded."""
+    if not distill and teacher is None:  # without a teacher the loss is the plain LM loss: these would be ignored
+        ignored = [f"{n} {v:g}" for n, v, d in (("temperature", temperature, 1.0), ("kd_weight", kd_weight, 1.0), ("lm_weight", lm_weight, 0.0),
+                                                 ("hidden_weight", hidden_weight, 0.0)) if isinstance(v, (int, float)) and v != d]
+        if ignored:
+            raise MKAError(f"{', '.join(ignored)} only act in distillation, which is off (the loss is the plain LM loss); "
+                           "set --model.distill true (or --model.teacher <dense model>), or leave them at their defaults")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise MKAError(f"temperature must be > 0, got {temperature!r}; pass e.g. --model.temperature 1.0 (the loss is T^2 * KL at temperature T)")
     for name, value in (("kd_weight", kd_weight), ("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
         if not isinstance(value, (int, float)) or value < 0:
-            raise MKAError(f"{name} must be >= 0, got {value!r}")
+            raise MKAError(f"{name} must be >= 0, got {value!r}; e.g. --model.{name} {1.0 if name == 'kd_weight' else 0.5}")
     if kd_weight == 0 and lm_weight == 0 and hidden_weight == 0:
         raise MKAError("kd_weight, lm_weight and hidden_weight are all 0: the loss would be 0 and nothing would train; "
                        "set kd_weight: 1.0 (logit distillation) or lm_weight: 1.0")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise MKAError(f"kd_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}")
+        raise MKAError(f"kd_chunk_tokens must be an integer >= 1, got {chunk_tokens!r}; e.g. --model.kd_chunk_tokens 1024 (tokens per chunk of the KD loss)")
     if lr_schedule not in LR_SCHEDULES:
-        raise MKAError(f"unknown lr_schedule {lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+        raise MKAError(f"unknown lr_schedule {lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)} (--model.lr_schedule cosine), or give model.lr_scheduler")
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise MKAError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        raise MKAError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}; e.g. --model.warmup_steps 12")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise MKAError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        raise MKAError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; e.g. --model.min_lr_ratio 0.1 (the cosine's floor, a share of the rate)")
     if not isinstance(merged_lr_scale, (int, float)) or not 0 < merged_lr_scale < float("inf"):
         raise MKAError(f"merged_lr_scale must be a finite number > 0, got {merged_lr_scale!r}; e.g. --model.merged_lr_scale 2.0 (1.0: one rate for every layer)")
     if teacher is None:

@@ -61,6 +61,33 @@ def test_kd_loss_equals_hand_computed_kl(chunk):
     assert grad[1, 3:].abs().sum() == 0  # masked tokens do not count
 
 
+def test_chunked_kd_loss_keeps_no_teacher_logits_until_backward():
+    """The memory bound: between the forward and the backward pass no chunk's (tokens x vocabulary) teacher logits stay
+    alive (a checkpointed chunk keeps its inputs: teacher logits passed in would all be kept), and the gradient is the
+    unchunked one."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    student_head, teacher_head = torch.nn.Linear(8, 50), torch.nn.Linear(8, 50)
+    alive = []
+
+    def recording_head(h):
+        out = teacher_head(h)
+        alive.append(weakref.ref(out))
+        return out
+
+    hs = torch.randn(2, 32, 8, requires_grad=True)
+    ht = torch.randn(2, 32, 8)
+    kd, _ = kd_loss(hs, ht, student_head, recording_head, chunk_tokens=8)
+    gc.collect()
+    assert len(alive) == 8 and sum(r() is not None for r in alive) == 0
+    (grad,) = torch.autograd.grad(kd, hs)
+    whole, _ = kd_loss(hs, ht, student_head, teacher_head, chunk_tokens=None)
+    (expected,) = torch.autograd.grad(whole, hs)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_kd_loss_is_zero_for_identical_models_and_refuses_bad_temperature():
     head = torch.nn.Linear(4, 7)
     h = torch.randn(1, 6, 4)
@@ -94,9 +121,14 @@ def test_hidden_mse_over_ranks_is_the_global_batch_ratio():
 
 
 def test_plan_alignment_and_schedule():
-    # merged pairs are aligned to the teacher layer that ends their group; dropped layers vanish
+    # every student layer is aligned to the teacher layer whose output the next student layer was trained to read:
+    # a merged pair of neighbours to the pair's last layer, the layer before a dropped block to the block's last
+    # layer (where a ReplaceMe transform reproduces it), a non-adjacent pair l+m (kept at l, followed by l+1) to l
     assert aligned_teacher_layers(6, [{"pair": [3, 4]}, {"pair": [1, 2]}]) == [0, 2, 4, 5, 6, 7]
-    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2]}]) == [0, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2]}]) == [2, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"op": "drop", "remove": [1, 2], "transform_layer": 0}]) == [2, 3, 4, 5]
+    assert aligned_teacher_layers(4, [{"pair": [1, 3]}]) == [0, 1, 3, 4]
+    assert aligned_teacher_layers(3, [{"op": "drop", "remove": [3, 4]}]) == [0, 1, 4]  # the last layer: the teacher's last
     assert aligned_teacher_layers(3, []) == [0, 1, 2]
     assert warmup_cosine(0, 4, 20) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
@@ -264,6 +296,11 @@ data:
     assert report["global_step"] == 4 and report["teacher"] == str(tiny_model_dir)
     name = f"{tiny_heldout}_ppl"
     assert report["metrics_after"][name] < report["metrics_first_validation"][name]
+    # top-1 agreement is with the dense teacher, not with the export as loaded: before healing it is the compress run's
+    agree = f"{tiny_heldout}_top1_agree"
+    (compress_results,) = [json.loads(p.read_text()) for p in tmp_path.rglob("results.json") if "metrics_after_merge_before_healing" not in p.read_text()]
+    assert report["metrics_first_validation"][agree] == pytest.approx(compress_results["metrics_after"][agree], abs=1e-6)
+    assert report["metrics_first_validation"][agree] < 1.0
     before, after = AutoModelForCausalLM.from_pretrained(compressed).state_dict(), AutoModelForCausalLM.from_pretrained(healed).state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in before.items())
 
@@ -348,11 +385,11 @@ def test_a_teacher_of_another_depth_is_refused_when_layers_are_aligned(tmp_path,
     ({"temperature": 0}, "temperature must be > 0, got 0; pass e.g. --model.temperature 1.0"),
     ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
     ({"kd_weight": 0.0, "lm_weight": 0.0, "hidden_weight": 0.0}, "are all 0: the loss would be 0 and nothing would train"),
-    ({"lm_weight": -1.0}, "lm_weight must be >= 0, got -1.0"),
-    ({"chunk_tokens": 0}, "kd_chunk_tokens must be an integer >= 1, got 0"),
+    ({"lm_weight": -1.0}, r"lm_weight must be >= 0, got -1.0; e.g. --model.lm_weight 0.5"),
+    ({"chunk_tokens": 0}, r"kd_chunk_tokens must be an integer >= 1, got 0; e.g. --model.kd_chunk_tokens 1024"),
     ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'; use one of constant, cosine"),
-    ({"warmup_steps": -2}, "warmup_steps must be an integer >= 0, got -2"),
-    ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ({"warmup_steps": -2}, r"warmup_steps must be an integer >= 0, got -2; e.g. --model.warmup_steps 12"),
+    ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\], got 1.5; e.g. --model.min_lr_ratio 0.1"),
     ({"merged_lr_scale": 0}, r"merged_lr_scale must be a finite number > 0, got 0; e.g. --model.merged_lr_scale 2.0"),
     ({"merged_lr_scale": float("inf")}, "merged_lr_scale must be a finite number > 0, got inf"),
 ])
@@ -369,7 +406,7 @@ def test_bad_training_settings_are_refused_before_loading(override, message):
 
 def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """ShortGPT's drop + KD in one fit (configs/smollm2-135m-drop-distill.yaml, method: angular there): the plan-aligned hidden term
-    skips the dropped layers, the teacher stays whole, and the kept layers train."""
+    aligns the layer before the cut to the dropped block's output, the teacher stays whole, and the kept layers train."""
     merge = MergeCallback(target_layers=4, method="shortgpt", num_points=128)
     module, trainer = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge], hidden_weight=1.0, max_epochs=2)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -377,7 +414,7 @@ def test_drop_then_distill_in_one_fit(tiny_model_dir, tiny_corpus, tiny_heldout,
     assert len(decoder_stack(module.model)[1]) == 4
     removed = module.merge_plan[0]["remove"]
     kept = [i for i in range(6) if i not in removed]
-    assert aligned_teacher_layers(4, module.merge_plan) == kept
+    assert aligned_teacher_layers(4, module.merge_plan) == [nxt - 1 for nxt in kept[1:]] + [5]  # a cut: the dropped block's output
     rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
     hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
     assert len(hidden) == 8 and all(v > 0 for v in hidden)
@@ -491,3 +528,82 @@ def test_a_bad_optimizer_value_is_refused_before_the_model_loads():
 
     with pytest.raises(MKAError, match=r"model\.optimizer: Invalid beta parameter at index 1: 1\.5; fix its init_args"):
         MKAModule(model="/nonexistent/model", optimizer=partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 1.5)))
+
+
+def test_a_learning_rate_that_a_given_optimizer_would_ignore_is_refused(tiny_model_dir):
+    """A given optimizer trains at its own lr: ``learning_rate`` set to another value would be silently ignored, so it
+    is refused (before the model loads); the same rate in both, or no ``learning_rate``, trains at the optimizer's."""
+    from functools import partial
+
+    from lightning_mka.errors import MKAError
+
+    adamw = partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95))
+    with pytest.raises(MKAError, match=r"model\.optimizer trains at its own lr 0\.0003 but model\.learning_rate is 0\.0001; set the same rate"):
+        MKAModule(model="/nonexistent/model", optimizer=adamw, learning_rate=1e-4)
+    with pytest.raises(MKAError, match=r"learning_rate must be a finite number > 0, got -0\.001"):
+        MKAModule(model="/nonexistent/model", learning_rate=-1e-3)
+    for rate in (3e-4, None):
+        optimizer = MKAModule(model=str(tiny_model_dir), optimizer=adamw, learning_rate=rate).configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        assert optimizer.param_groups[0]["lr"] == 3e-4 and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert MKAModule(model=str(tiny_model_dir)).configure_optimizers().param_groups[0]["lr"] == 1e-5  # no rate, no optimizer: the default
+
+
+@pytest.mark.parametrize("world_size, trainable, stage, message", [
+    (2, "all", "fit", r"method 'shortgpt' runs on one process; use method: mka for DDP, or devices: 1"),
+    (2, "all", "validate", r"method 'shortgpt' runs on one process"),
+    (1, "merged", "fit", r"trainable: merged trains the layers next to merges, and method 'shortgpt' drops layers without merging any, so nothing would train; use trainable: all"),
+])
+def test_a_drop_that_cannot_run_is_refused_at_setup(world_size, trainable, stage, message, tmp_path):
+    """A drop under DDP, or a drop healed with ``trainable: merged`` (no merged layers: every step would be skipped and
+    the "healed" export would be the dropped model), fails at setup, before the dense validation; mka's merges pass."""
+    from types import SimpleNamespace
+
+    from lightning_mka.errors import MKAError
+
+    module = SimpleNamespace(hparams={"model": "tiny", "trainable": trainable}, model=tiny_model("llama", layers=6))
+    trainer = SimpleNamespace(world_size=world_size, strategy=None, log_dir=None, default_root_dir=str(tmp_path), datamodule=None, num_sanity_val_steps=0)
+    with pytest.raises(MKAError, match=message):
+        MergeCallback(target_layers=4, method="shortgpt").setup(trainer, module, stage)
+    if world_size == 1:
+        MergeCallback(target_layers=4, method="shortgpt").setup(trainer, module, "validate")  # nothing trains in validate
+        MergeCallback(target_layers=4).setup(trainer, module, stage)  # mka merges: the merged layers train
+
+
+def test_a_drop_with_trainable_merged_is_refused_by_the_cli_before_anything_is_written(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    config = write_config(tmp_path / "drop.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "out" / "export", method="shortgpt")
+    config.write_text(config.read_text().replace("  logger: false\n", "").replace(f"model:\n  model: {tiny_model_dir}\n", f"model:\n  model: {tiny_model_dir}\n  trainable: merged\n"))
+    cwd = tmp_path / "out"
+    cwd.mkdir()
+    assert_refused(cli("fit", "--config", str(config), cwd=cwd), "trainable: merged trains the layers next to merges, and method 'shortgpt' drops layers", cwd)
+
+
+def test_a_given_lr_scheduler_continues_after_a_merge_mid_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """The optimizer and scheduler are built anew after every merge (they hold the old parameters): a given
+    ``lr_scheduler`` continues where it was instead of starting again (here: halving every epoch, with merges at the
+    ends of epochs 0 and 1)."""
+    from functools import partial
+
+    seen = []
+
+    class RecordRate(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    merge = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1)
+    halving = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 0.5**epoch)
+    module, _ = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, callbacks=[merge, RecordRate()], lr_scheduler=halving)
+    assert len(module.merge_plan) == 3 and len(decoder_stack(module.model)[1]) == 3
+    assert seen == pytest.approx([3e-3, 1.5e-3, 0.75e-3])
+
+
+def test_distillation_settings_without_a_teacher_are_refused():
+    """Without ``distill`` or ``teacher`` the loss is the plain LM loss: a temperature or loss weight set anyway would be
+    silently ignored, so it is refused (before the model loads)."""
+    from lightning_mka.errors import MKAError
+
+    with pytest.raises(MKAError, match=r"^hidden_weight 1, temperature 2 only act in distillation, which is off|^temperature 2, hidden_weight 1 only act"):
+        MKAModule(model="/nonexistent/model", temperature=2.0, hidden_weight=1.0)
+    with pytest.raises(MKAError, match=r"set --model.distill true \(or --model.teacher <dense model>\)"):
+        MKAModule(model="/nonexistent/model", lm_weight=0.5)
+

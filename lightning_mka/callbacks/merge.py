@@ -366,9 +366,21 @@ class MergeCallback(Callback):
         what = f"MergeCallback would {'merge' if self.method == 'mka' else 'drop (' + self.method + ')'} {depth} -> {target} layers"
         refuse_surgery_when_sharded(strategy, what, export)
 
+    def refuse_a_drop_that_cannot_run(self, world_size: int, pl_module: L.LightningModule, stage: str | None) -> None:
+        """A drop runs on one process, and leaves no merged layers for ``trainable: merged`` to train: refused before
+        the dense validation (the CLI calls this before any log directory is written)."""
+        if self.method == "mka":
+            return
+        if world_size > 1:
+            raise MKAError(f"method {self.method!r} runs on one process; use method: mka for DDP, or devices: 1")
+        if stage == "fit" and getattr(pl_module, "hparams", {}).get("trainable") == "merged":
+            raise MKAError(f"trainable: merged trains the layers next to merges, and method {self.method!r} drops layers without merging any, "
+                           "so nothing would train; use trainable: all (or layers, lora, tail)")
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.refuse_under_sharding(trainer.strategy, pl_module)
+        self.refuse_a_drop_that_cannot_run(trainer.world_size, pl_module, stage)
         depth = num_layers(pl_module.model)
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never inside rank-0 code.
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -460,8 +472,6 @@ class MergeCallback(Callback):
 
     def _drop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A drop baseline: one pass of statistics, then remove ``depth - target`` layers at once."""
-        if trainer.world_size > 1:
-            raise MKAError(f"method {self.method!r} runs on one process; use method: mka for DDP, or devices: 1")
         depth = num_layers(pl_module.model)
         tick = time.perf_counter()
         stats = None
