@@ -602,7 +602,7 @@ def test_distillation_settings_without_a_teacher_are_refused():
     silently ignored, so it is refused (before the model loads)."""
     from lightning_mka.errors import MKAError
 
-    with pytest.raises(MKAError, match=r"^hidden_weight 1, temperature 2 only act in distillation, which is off|^temperature 2, hidden_weight 1 only act"):
+    with pytest.raises(MKAError, match=r"^temperature 2, hidden_weight 1 only act in distillation, which is off"):
         MKAModule(model="/nonexistent/model", temperature=2.0, hidden_weight=1.0)
     with pytest.raises(MKAError, match=r"set --model.distill true \(or --model.teacher <dense model>\)"):
         MKAModule(model="/nonexistent/model", lm_weight=0.5)
