@@ -44,6 +44,13 @@ best = rows[min(sys.argv[1:], key=score)]
 print(best["name"], best["tokens_per_step"] // 512, best["lr"], best["warmup"], best["temperature"])
 PYEOF
 }
+promote() {  # promote BASELINE PROBE ROW ARGS...: run the evaluation row ROW (ARGS) only if PROBE beats BASELINE (best_probe)
+  local base=$1 probe=$2 row=$3 win
+  shift 3
+  read -r win _ < <(best_probe "$base" "$probe")
+  echo "$probe against $base: $win wins"
+  if [[ $win == "$probe" ]]; then run "$row" "$@"; fi
+}
 # The stage-7 recipe (KD + 0.5 x LM, no hidden term, lr 3e-4, merged layers at 2x), the command of stages 8-11.
 S7_TAG=lr3e-4-lm0.5-hw0.0-m2
 S7="--loss kd --batch-size 1 --warmup 12 --temperature 1 --lr 3e-4 --lm-weight 0.5 --hidden-weight 0.0 --merged-lr-scale 2"
@@ -89,18 +96,12 @@ if [[ $STAGE == 14 ]]; then
   # the next kept layer was trained on). The term on the two drop recipes' starts, held-aside text, full budget (rule,
   # written before they ran: a lower geometric mean than the same command without it, 28.54 at k = 9 (stage 11) and
   # 21.23 at k = 6 (stage 12), gets its evaluation row and goes into that recipe).
-  run probe100k-shortgpt-k9-$S7_TAG-b2-0.95-hw1 --heldaside 8 --start shortgpt --k 9 $S7 --adam-beta2 0.95 --hidden-weight 1.0 $C
-  read -r WIN _ < <(best_probe probe100k-shortgpt-k9-$S7_TAG-b2-0.95 probe100k-shortgpt-k9-$S7_TAG-b2-0.95-hw1)
-  echo "k = 9 hidden probe: $WIN wins"
-  if [[ $WIN == *-hw1 ]]; then
-    run shortgpt-k9-kd-100k-r3-$S7_TAG-b2-0.95-hw1 --start shortgpt --k 9 $S7 --adam-beta2 0.95 --hidden-weight 1.0 $C
-  fi
-  run probe100k-angular-k6-$S7_TAG-b2-0.95-hw1 --heldaside 8 --start angular --k 6 $S7 --adam-beta2 0.95 --hidden-weight 1.0 $C
-  read -r WIN _ < <(best_probe probe100k-angular-k6-$S7_TAG-b2-0.95 probe100k-angular-k6-$S7_TAG-b2-0.95-hw1)
-  echo "k = 6 hidden probe: $WIN wins"
-  if [[ $WIN == *-hw1 ]]; then
-    run angular-k6-kd-100k-r3-$S7_TAG-b2-0.95-hw1 --start angular --k 6 $S7 --adam-beta2 0.95 --hidden-weight 1.0 $C
-  fi
+  for SK in shortgpt-k9 angular-k6; do
+    START=${SK%-k*}; K=${SK#*-k}
+    A="--start $START --k $K $S7 --adam-beta2 0.95 --hidden-weight 1.0 $C"
+    run probe100k-$SK-$S7_TAG-b2-0.95-hw1 --heldaside 8 $A
+    promote probe100k-$SK-$S7_TAG-b2-0.95 probe100k-$SK-$S7_TAG-b2-0.95-hw1 $SK-kd-100k-r3-$S7_TAG-b2-0.95-hw1 $A
+  done
   echo "$(date -u +%T) stage 14 done"
   exit 0
 fi
@@ -118,12 +119,9 @@ if [[ $STAGE == 13 ]]; then
   H=/tmp/lightning-mka-heal
   if [[ -f $H/teacher-samples.jsonl && ! -f $H/teacher-samples-16k.jsonl ]]; then mv $H/teacher-samples.jsonl $H/teacher-samples-16k.jsonl; fi
   if ! late; then flock /work/bench.lock "$PY" bench/heal.py sample --tokens 65536 > "$LOG/sample64k.log" 2>&1; echo "$(date -u +%T) sampled rc=$?"; fi
-  run probe100k-shortgpt-k9-$S7_TAG-b2-0.95-mix --heldaside 8 --start shortgpt --k 9 $S7 --adam-beta2 0.95 --train-text mix $C
-  read -r WIN _ < <(best_probe probe100k-shortgpt-k9-$S7_TAG-b2-0.95 probe100k-shortgpt-k9-$S7_TAG-b2-0.95-mix)
-  echo "mix probe: $WIN wins"
-  if [[ $WIN == *-mix ]]; then
-    run shortgpt-k9-kd-100k-r3-$S7_TAG-b2-0.95-mix --start shortgpt --k 9 $S7 --adam-beta2 0.95 --train-text mix $C
-  fi
+  A="--start shortgpt --k 9 $S7 --adam-beta2 0.95 --train-text mix $C"
+  run probe100k-shortgpt-k9-$S7_TAG-b2-0.95-mix --heldaside 8 $A
+  promote probe100k-shortgpt-k9-$S7_TAG-b2-0.95 probe100k-shortgpt-k9-$S7_TAG-b2-0.95-mix shortgpt-k9-kd-100k-r3-$S7_TAG-b2-0.95-mix $A
   echo "$(date -u +%T) stage 13 done"
   exit 0
 fi
