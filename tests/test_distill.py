@@ -179,6 +179,27 @@ def test_merge_then_distill_keeps_the_teacher_frozen_and_unregistered(tiny_model
     assert lrs[0] < 3e-3  # cosine decayed
 
 
+def test_the_teacher_copy_is_made_by_fit_not_by_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """``distill: true`` copies the model as loaded when ``fit`` sets up, so ``validate`` holds no teacher (it would
+    double the memory for nothing); a ``fit`` after a ``validate`` that merged still distils from the dense model,
+    read again from its source."""
+    L.seed_everything(0)
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=3e-3, distill=True)
+    assert module.teacher is None
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    options = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    merge = MergeCallback(target_layers=4, num_points=128)
+    L.Trainer(callbacks=[merge], logger=L.pytorch.loggers.CSVLogger(tmp_path, name="validate"), **options).validate(module, datamodule=data)
+    assert module.teacher is None and len(decoder_stack(module.model)[1]) == 4 and module.merge_plan
+    L.Trainer(max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="fit"), **options).fit(module, datamodule=data)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teacher = module.teacher
+    assert len(decoder_stack(teacher)[1]) == 6 and teacher.state_dict().keys() == dense.state_dict().keys()
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
 def test_trainable_tail_updates_only_the_last_layers_norm_and_head(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     module, _ = distill_fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, trainable="tail", tail_layers=2, max_epochs=1)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
