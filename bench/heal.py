@@ -157,20 +157,11 @@ def block_groups(remove: list[int], depth: int = 30) -> list[list[int]]:
 def merge_groups(merger, groups: list[list[int]]) -> list[dict]:
     """Merge every group of contiguous original layers into one layer with ``merger``'s operator, pair by pair from
     its first layer (no similarity scoring); returns the replayable plan."""
-    from lightning_mka.merging import MergeStep
-
-    plan = []
     for group in groups:
         for _ in group[1:]:
             l = next(i for i, o in enumerate(merger.origins) if o[0] == group[0])
-            kept = merger._apply(l, l + 1, None, merger.config.merge_operator)
-            merged = sorted(merger.origins[l] + merger.origins[l + 1])
-            plan.append(MergeStep(step=len(plan) + 1, pair=(l, l + 1), pair_original=(merger.origins[l][0], merger.origins[l + 1][0]),
-                                  merged_original=merged, score=None, alpha=None, depth_after=merger.depth - 1, rescored=False,
-                                  operator=merger.config.merge_operator, **kept).to_json())
-            merger.origins[l] = merged
-            del merger.origins[l + 1]
-    return plan
+            merger.merge(l, l + 1)
+    return [step.to_json() for step in merger.plan]
 
 
 def npib_drop_layers(steps: list[dict]) -> list[int]:

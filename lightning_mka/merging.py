@@ -143,7 +143,7 @@ class MergeStep:
     pair: tuple[int, int]  # current indices at the time of the merge (replayable)
     pair_original: tuple[int, int]  # first original layer of each side
     merged_original: list[int]  # all original layers now inside the kept layer
-    score: float
+    score: float | None  # None for a pair merged without scoring (``LayerMerger.merge``)
     alpha: float | None  # None for the parallel operators
     depth_after: int
     rescored: bool
@@ -283,6 +283,22 @@ class LayerMerger:
         else:
             kept = self._apply(l, m, alpha, operator)
         self.stats.merge_seconds += time.perf_counter() - tick
+        return self._record(l, m, kept, score=score, alpha=alpha, rescored=rescored, nll=nll, operator=operator)
+
+    def merge(self, l: int, m: int, operator: str | None = None, alpha: float | None = None) -> MergeStep:
+        """Merge a pair chosen elsewhere (current indices ``l < m``) with ``operator`` (default: the configured one),
+        without scoring; recorded in ``plan`` like a chosen step, with no score. E.g. another method's layer choice
+        folded by our operator."""
+        if not (isinstance(l, int) and isinstance(m, int) and 0 <= l < m < self.depth):
+            raise MKAError(f"merge pair ({l}, {m}) is not two layers l < m of the current {self.depth}; give current indices")
+        operator = operator or self.config.merge_operator
+        tick = time.perf_counter()
+        kept = self._apply(l, m, alpha, operator)
+        self.stats.merge_seconds += time.perf_counter() - tick
+        return self._record(l, m, kept, score=None, alpha=alpha, rescored=False, nll=None, operator=operator)
+
+    def _record(self, l: int, m: int, kept: dict, score: float | None, alpha: float | None, rescored: bool, nll: float | None, operator: str) -> MergeStep:
+        """Book a merge that has happened: the plan, the origins, and the cached points and scores of layer ``m``."""
         record = MergeStep(
             step=len(self.plan) + 1,
             pair=(l, m),
@@ -298,12 +314,15 @@ class LayerMerger:
         )
         self.origins[l] = record.merged_original
         del self.origins[m]
-        self.collector.forget_layer(m)
-        del self._features[m]
-        keep = [i for i in range(similarity.shape[0]) if i != m]
-        self.similarity = similarity[keep][:, keep]
-        self._stale_from = l if self._stale_from is None else min(self._stale_from, l)
-        self._merges_since_rescore += 1
+        if self.similarity is not None:  # keep what was scored, minus ``m``; layers from ``l`` on are stale
+            self.collector.forget_layer(m)
+            del self._features[m]
+            keep = [i for i in range(self.similarity.shape[0]) if i != m]
+            self.similarity = self.similarity[keep][:, keep]
+            self._stale_from = l if self._stale_from is None else min(self._stale_from, l)
+            self._merges_since_rescore += 1
+        else:  # nothing scored yet (or invalidated): the next scoring runs a full pass
+            self._stale_from = 0
         self.plan.append(record)
         return record
 

@@ -133,3 +133,28 @@ def test_cached_pair_output_as_target_equals_running_the_original_pair():
     assert results[0][0]["kept_neurons"] == results[1][0]["kept_neurons"]
     assert results[0][0]["damage"] == pytest.approx(results[1][0]["damage"], rel=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_pair_merged_without_scoring_is_recorded_and_replays():
+    """``LayerMerger.merge``: a pair chosen elsewhere, merged by the configured operator and booked like a scored step
+    (no score), before and between scored steps; the plan replays to the same weights (no refit: structure is all)."""
+    from lightning_mka.merging import replay_plan
+
+    model = tiny_model("llama", layers=7, initializer_range=0.1)
+    merger = merger_for(copy.deepcopy(model), prune_refit=False)
+    first = merger.merge(1, 2)
+    assert first.score is None and first.pair == (1, 2) and first.merged_original == [1, 2] and first.operator == "parallel_pruned"
+    assert first.kept_neurons and merger.depth == 6 == len(decoder_stack(merger.model)[1])
+    scored = merger.step()  # the first scoring after a merge it did not score: a full pass over the 6 layers
+    assert scored.score is not None and merger.depth == 5 and merger.similarity.shape == (5, 5)
+    forced = merger.merge(0, 1)  # after scoring: the cached points and scores follow the new indices
+    assert forced.merged_original == sorted(merger.origins[0]) and merger.similarity.shape == (4, 4)
+    merger.step()
+    assert merger.depth == 3 and sorted(i for group in merger.origins for i in group) == list(range(7))
+    replayed = copy.deepcopy(model)
+    replay_plan(replayed, [s.to_json() for s in merger.plan])
+    ids = torch.randint(4, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(ids).logits, merger.model(ids).logits)
+    with pytest.raises(MKAError, match=r"merge pair \(1, 1\) is not two layers l < m of the current 3"):
+        merger.merge(1, 1)
