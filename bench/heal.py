@@ -157,11 +157,12 @@ def block_groups(remove: list[int], depth: int = 30) -> list[list[int]]:
 def merge_groups(merger, groups: list[list[int]]) -> list[dict]:
     """Merge every group of contiguous original layers into one layer with ``merger``'s operator, pair by pair from
     its first layer (no similarity scoring); returns the replayable plan."""
+    steps = []
     for group in groups:
         for _ in group[1:]:
             l = next(i for i, o in enumerate(merger.origins) if o[0] == group[0])
-            merger.merge(l, l + 1)
-    return [step.to_json() for step in merger.plan]
+            steps.append(merger.merge(l, l + 1).to_json())
+    return steps
 
 
 def npib_drop_layers(steps: list[dict]) -> list[int]:

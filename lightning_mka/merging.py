@@ -285,17 +285,18 @@ class LayerMerger:
         self.stats.merge_seconds += time.perf_counter() - tick
         return self._record(l, m, kept, score=score, alpha=alpha, rescored=rescored, nll=nll, operator=operator)
 
-    def merge(self, l: int, m: int, operator: str | None = None, alpha: float | None = None) -> MergeStep:
-        """Merge a pair chosen elsewhere (current indices ``l < m``) with ``operator`` (default: the configured one),
-        without scoring; recorded in ``plan`` like a chosen step, with no score. E.g. another method's layer choice
-        folded by our operator."""
-        if not (isinstance(l, int) and isinstance(m, int) and 0 <= l < m < self.depth):
+    def merge(self, l: int, m: int, alpha: float | None = None) -> MergeStep:
+        """Merge a pair chosen elsewhere (current indices ``l < m``) with the configured operator, without scoring:
+        recorded in ``plan`` like a chosen step, with no score. E.g. another method's layer choice folded by our
+        operator. ``alpha``: the weight of ``l`` for an averaging operator."""
+        if isinstance(l, bool) or isinstance(m, bool) or not (isinstance(l, int) and isinstance(m, int) and 0 <= l < m < self.depth):
             raise MKAError(f"merge pair ({l}, {m}) is not two layers l < m of the current {self.depth}; give current indices")
-        operator = operator or self.config.merge_operator
+        # Layer l's cached input is current only if scoring saw it and no merge or training came before l since.
+        cached_input_ok = self.similarity is not None and (self._stale_from is None or l <= self._stale_from)
         tick = time.perf_counter()
-        kept = self._apply(l, m, alpha, operator)
+        kept = self._apply(l, m, alpha, self.config.merge_operator, cached_input_ok)
         self.stats.merge_seconds += time.perf_counter() - tick
-        return self._record(l, m, kept, score=None, alpha=alpha, rescored=False, nll=None, operator=operator)
+        return self._record(l, m, kept, score=None, alpha=alpha, rescored=False, nll=None, operator=self.config.merge_operator)
 
     def _record(self, l: int, m: int, kept: dict, score: float | None, alpha: float | None, rescored: bool, nll: float | None, operator: str) -> MergeStep:
         """Book a merge that has happened: the plan, the origins, and the cached points and scores of layer ``m``."""
@@ -322,6 +323,8 @@ class LayerMerger:
             self._stale_from = l if self._stale_from is None else min(self._stale_from, l)
             self._merges_since_rescore += 1
         else:  # nothing scored yet (or invalidated): the next scoring runs a full pass
+            if len(self.collector.points) > m:  # points of an earlier pass: keep their indices those of the layers
+                self.collector.forget_layer(m)
             self._stale_from = 0
         self.plan.append(record)
         return record
@@ -385,19 +388,20 @@ class LayerMerger:
         _, l, m, layer, kept = best
         return l, m, (layer, kept)
 
-    def _apply(self, l: int, m: int, alpha: float | None, operator: str) -> dict:
-        """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven)."""
+    def _apply(self, l: int, m: int, alpha: float | None, operator: str, cached_input_ok: bool = True) -> dict:
+        """Merge ``m`` into ``l`` with ``operator``; for ``parallel_pruned`` also prune (data-driven), from layer
+        ``l``'s cached input when there is one and ``cached_input_ok``, else from a pass through the layers before."""
         layers = decoder_stack(self.model)[1]
         originals = (layers[min(l, m)], layers[max(l, m)])
         executor = executor_of(self.model)
         with executor.materialized(*originals):  # surgery reads (and, averaging, writes) real weights
             apply_merge(self.model, l, m, operator, alpha)
-            kept = self._prune(l, m, originals) if operator == "parallel_pruned" else {}
+            kept = self._prune(l, m, originals, cached_input_ok) if operator == "parallel_pruned" else {}
             executor.spill(decoder_stack(self.model)[1][min(l, m)])  # disk offload: the merged layer goes to disk
         return kept
 
     @torch.no_grad()
-    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module]) -> dict:
+    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module], cached_input_ok: bool = True) -> dict:
         """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set.
 
         ``originals``: the two layers it replaced, run in sequence as the refit target when ``refit_target`` is
@@ -409,7 +413,7 @@ class LayerMerger:
         cfg = self.config
         # Layer l's input is unchanged by merging l with the layer after it, so its cached input stays valid.
         inputs = self.collector.inputs
-        cached = inputs[l] if cfg.cache_inputs and len(inputs) > l and inputs[l] else None
+        cached = inputs[l] if cached_input_ok and cfg.cache_inputs and len(inputs) > l and inputs[l] else None
         state: dict = {}
         post_norm = post_mlp_norm(layer)
         target_cache = self._cached_pair_output(l) if cached is not None and m == l + 1 else None
@@ -548,8 +552,8 @@ class LayerMerger:
         ``apply=True`` re-applies them to the model (resuming an interrupted run on fresh weights); ``apply=False``
         only adopts the record, for a model that already carries them (restored from a checkpoint).
         """
-        if self.similarity is not None:
-            raise RuntimeError("replay must happen before the first scoring step")
+        if self.similarity is not None or self.plan:
+            raise RuntimeError("replay must happen before the first scoring step or merge")
         records = list(records)
         if not apply:  # the model already lost one layer per recorded merge
             self.origins = [[i] for i in range(len(self.origins) + len(records))]

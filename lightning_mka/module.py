@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,8 @@ class MKAModule(L.LightningModule):
             head only ("Reassessing Layer Pruning"; with tied embeddings the embedding matrix is the head); more than
             the depth: every layer.
         distill: heal by knowledge distillation from a frozen teacher: the model as loaded, before any merge (one
-            copy, made when ``fit`` sets up, so ``validate`` holds none), or ``teacher``. Without it, the training
-            loss is the plain LM loss.
+            copy, read again from ``model`` when ``fit`` sets up, so ``validate`` holds none), or ``teacher``.
+            Without it, the training loss is the plain LM loss.
         teacher: a model source (asset, HF dir, .gguf) to distill from (implies ``distill``), e.g. the dense model
             when ``model`` is an already-compressed export. It must share the student's tokenizer and vocabulary.
             The teacher is frozen, in eval mode, never updated, and kept off the module's registered children: it is
@@ -117,7 +116,7 @@ class MKAModule(L.LightningModule):
         # Merges already in the loaded model (an export of this tool): the teacher's layers the student's came from.
         self.source_plan: list[dict] = read_export_plan(model)
         # In __dict__, not a registered child: see ``teacher`` above. A teacher path is loaded (and checked) here; the
-        # copy of the model as loaded waits for ``fit`` (``setup``): ``validate`` never uses it, and it doubles memory.
+        # model as loaded waits for ``fit`` (``setup``): ``validate`` never uses it, and it doubles memory.
         self.__dict__["_teacher"] = self._load_teacher(teacher, dtype) if teacher is not None else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -131,9 +130,9 @@ class MKAModule(L.LightningModule):
 
     def _load_teacher(self, source: str | None, dtype: str):
         if source is None:
-            # The model as loaded: copied while no merge has touched it, else read again from its source (a module
-            # that merged in ``validate`` before this ``fit``).
-            teacher = load_model(self.hparams.model, dtype) if self.merge_plan else copy.deepcopy(self.model)
+            # The model as loaded, read again from its source rather than copied: by ``fit`` the module may hold other
+            # weights (a checkpoint loaded into it, a ``validate`` that merged, an earlier ``fit``).
+            teacher = load_model(self.hparams.model, dtype)
         else:
             teacher = load_model(source, dtype)
             decoder_stack(teacher)
@@ -153,8 +152,8 @@ class MKAModule(L.LightningModule):
 
     @property
     def teacher(self):
-        """The frozen teacher: None without distillation, and with ``distill`` alone until ``fit`` sets up (the copy
-        of the model as loaded is made there). Not a registered submodule."""
+        """The frozen teacher: None without distillation, and with ``distill`` alone until ``fit`` sets up (the model
+        as loaded is read again there). Not a registered submodule."""
         return self.__dict__.get("_teacher")
 
     def teacher_plan(self) -> list[dict]:
@@ -200,7 +199,6 @@ class MKAModule(L.LightningModule):
         if stage == "fit" and self.hparams.get("execution", "whole") == "layerwise":
             raise MKAError("execution: layerwise runs compression and evaluation (validate); fine-tuning needs the whole model: merge with layerwise into an export_dir, then heal the export (fit with execution: whole, or FSDP)")
         if stage == "fit" and self.hparams.distill and self.teacher is None:
-            # Before a resumed checkpoint replays its merges (Lightning restores after ``setup``): the dense model.
             self.__dict__["_teacher"] = self._load_teacher(None, self.hparams.dtype)
 
     @override

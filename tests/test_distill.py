@@ -180,9 +180,9 @@ def test_merge_then_distill_keeps_the_teacher_frozen_and_unregistered(tiny_model
 
 
 def test_the_teacher_copy_is_made_by_fit_not_by_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
-    """``distill: true`` copies the model as loaded when ``fit`` sets up, so ``validate`` holds no teacher (it would
-    double the memory for nothing); a ``fit`` after a ``validate`` that merged still distils from the dense model,
-    read again from its source."""
+    """``distill: true`` reads the model as loaded again when ``fit`` sets up, so ``validate`` holds no teacher (it
+    would double the memory for nothing), and the teacher is the dense model whatever the module holds by then: the
+    merges of a ``validate`` before the ``fit``, or weights loaded into it without a merge (a checkpoint)."""
     L.seed_everything(0)
     module = MKAModule(model=str(tiny_model_dir), learning_rate=3e-3, distill=True)
     assert module.teacher is None
@@ -198,6 +198,11 @@ def test_the_teacher_copy_is_made_by_fit_not_by_validate(tiny_model_dir, tiny_co
     assert len(decoder_stack(teacher)[1]) == 6 and teacher.state_dict().keys() == dense.state_dict().keys()
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in teacher.state_dict().items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    # other weights, no merge (what load_from_checkpoint does before a fit): the teacher is still the dense model
+    other = MKAModule(model=str(tiny_model_dir), learning_rate=3e-3, distill=True)
+    other.load_state_dict({k: v + 0.01 for k, v in other.state_dict().items()})
+    L.Trainer(max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="fit2"), **options).fit(other, datamodule=data)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in other.teacher.state_dict().items())
 
 
 def test_trainable_tail_updates_only_the_last_layers_norm_and_head(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):

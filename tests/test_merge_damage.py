@@ -158,3 +158,32 @@ def test_a_pair_merged_without_scoring_is_recorded_and_replays():
         torch.testing.assert_close(replayed(ids).logits, merger.model(ids).logits)
     with pytest.raises(MKAError, match=r"merge pair \(1, 1\) is not two layers l < m of the current 3"):
         merger.merge(1, 1)
+
+
+def test_a_merge_without_scoring_prunes_from_current_inputs():
+    """Layer ``l``'s cached input is stale after a merge before ``l`` or after training: ``merge`` then prunes (and
+    refits) from a fresh pass, exactly as a new merger on the same weights would."""
+    model = tiny_model("llama", layers=7, initializer_range=0.1)
+
+    def pruned_by_a_new_merger(weights, l):
+        reference = merger_for(copy.deepcopy(weights))
+        return reference.merge(l, l + 1), reference.model
+
+    merger = with_similarity(merger_for(copy.deepcopy(model)), (1, 2))
+    assert merger.step().pair == (1, 2)
+    l = 2  # after the merged layer: its cached input predates that merge
+    expected, reference = pruned_by_a_new_merger(merger.model, l)
+    step = merger.merge(l, l + 1)
+    assert (step.kept_neurons, step.kept_kv_groups) == (expected.kept_neurons, expected.kept_kv_groups)
+    ids = torch.randint(4, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merger.model(ids).logits, reference(ids).logits)
+        for p in merger.model.parameters():  # "training" between merges
+            p.add_(0.02 * torch.randn_like(p))
+    merger.invalidate()
+    expected, reference = pruned_by_a_new_merger(merger.model, 0)
+    step = merger.merge(0, 1)
+    assert (step.kept_neurons, step.kept_kv_groups) == (expected.kept_neurons, expected.kept_kv_groups)
+    with torch.no_grad():
+        torch.testing.assert_close(merger.model(ids).logits, reference(ids).logits)
+    assert len(merger.collector.points) == merger.depth  # the stale points follow the indices until the next pass
