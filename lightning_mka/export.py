@@ -48,9 +48,14 @@ def resolve_export_path(template: str, model: str, layers: int) -> str:
     return template.format(model=model_name(model), layers=layers)
 
 
-def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Validate an export target before any work is done."""
+def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> Path:
+    """Validate an export target before any work is done. ``inputs``: the model sources the run reads (the model,
+    a teacher): an export never replaces one of them, ``overwrite`` or not."""
     path = Path(export_dir).expanduser()
+    for source in inputs:
+        local = Path(str(source)).expanduser() if source else None
+        if local is not None and local.exists() and (local.resolve() == path.resolve() or path.resolve() in local.resolve().parents):
+            raise MKAError(f"export dir {str(path)!r} would replace {str(source)!r}, a model this run reads; choose another export_dir (an export never overwrites its input)")
     if path.exists() and not overwrite:
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")
     if path.exists() and not path.is_dir():

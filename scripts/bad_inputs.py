@@ -92,6 +92,7 @@ def main() -> None:
         ("alpha float outside [0, 1]", [], dict(alpha=1.5)),
         ("export dir exists (no overwrite)", [], dict(export=str(root / "exists"))),
         ("export dir not writable (read-only fs)", [], dict(export="/proc/mka-export")),
+        ("export dir is the model being read (overwrite: true)", [], dict(export=str(model), overwrite="true")),
         ("YAML key that does not exist", ["--model.modle", "x"], None),
         ("unknown dtype", ["--model.dtype", "float8"], None),
         # `fit` under FSDP (2 CPU processes, gloo) of a config whose MergeCallback still has layers to remove.

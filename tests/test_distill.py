@@ -394,6 +394,44 @@ def test_bad_teacher_and_temperature_are_one_line_errors(tmp_path, tiny_model_di
     # (temperature <= 0 goes through the same one-line path: test_bad_training_settings_are_refused_before_loading)
 
 
+def test_an_export_never_replaces_a_model_the_run_reads(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """``overwrite: true`` replaces an earlier export, never the model or the teacher the run reads: merging a model
+    into its own directory, or healing into the student's or the teacher's, is one line, exit 2, nothing written."""
+    import shutil
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, student)
+    shutil.copytree(tiny_model_dir, teacher)
+    files = {p: p.read_bytes() for d in (student, teacher) for p in d.iterdir()}
+    run = tmp_path / "run"
+    run.mkdir()
+    merge = write_config(tmp_path / "merge.yaml", student, tiny_corpus, tiny_heldout, student, overwrite=True)
+    assert_refused(cli("validate", "--config", str(merge), cwd=run), f"export dir '{student}' would replace '{student}', a model this run reads", run)
+    for target in (student, teacher):
+        heal = tmp_path / "heal.yaml"
+        heal.write_text(f"""trainer:
+  logger: false
+  enable_checkpointing: false
+  max_epochs: 1
+  callbacks:
+    - class_path: lightning_mka.callbacks.ExportCallback
+      init_args:
+        export_dir: {target}
+        overwrite: true
+model:
+  model: {student}
+  teacher: {teacher}
+data:
+  calibration: {tiny_corpus}
+  calibration_samples: 8
+  train_samples: 4
+  seq_len: 32
+  eval_texts: []
+""")
+        assert_refused(cli("fit", "--config", str(heal), cwd=run), f"export dir '{target}' would replace '{target}'", run)
+    assert {p: p.read_bytes() for d in (student, teacher) for p in d.iterdir()} == files
+
+
 def test_a_teacher_of_another_depth_is_refused_when_layers_are_aligned(tmp_path, tiny_model_dir):
     """The hidden-state term pairs each student layer with the teacher layer it came from (the export's merge plan):
     a teacher of another depth has no such pairing. Logit-only KD needs none and is accepted."""

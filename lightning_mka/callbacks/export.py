@@ -45,9 +45,10 @@ class ExportCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
+        hparams = getattr(pl_module, "hparams", {})
+        source = str(hparams.get("model") or "model")
         self.export_dir = resolve_export_path(self.template, source, exported_depth(trainer, num_layers(pl_module.model)))
-        check_export_dir(self.export_dir, self.overwrite)
+        check_export_dir(self.export_dir, self.overwrite, inputs=(hparams.get("model"), hparams.get("teacher")))
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
         self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
 

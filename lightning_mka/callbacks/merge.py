@@ -281,11 +281,12 @@ class MergeCallback(Callback):
         total = len(trainer.datamodule.calibration_dataloader())
         return lambda batches, desc: track(batches, desc, total=total, enabled=shown)
 
-    def _resolve_outputs(self, model: str, layers: int) -> None:
-        """The export dir and progress file from their templates; the export dir is checked for writing."""
+    def _resolve_outputs(self, model: str, layers: int, inputs: tuple[str | None, ...] = ()) -> None:
+        """The export dir and progress file from their templates; the export dir is checked for writing, and against
+        replacing one of ``inputs`` (the model sources the run reads)."""
         if self._export_template is not None:
             self.export_dir = resolve_export_path(self._export_template, model, layers)
-            check_export_dir(self.export_dir, self.overwrite)
+            check_export_dir(self.export_dir, self.overwrite, inputs)
         progress = self._progress_template
         if progress is None and self.export_dir is not None:
             progress = str(Path(self.export_dir).expanduser()) + ".mka-progress.json"
@@ -386,8 +387,9 @@ class MergeCallback(Callback):
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self._target is None:
             self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
-            source = getattr(pl_module, "hparams", {}).get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
-            self._resolve_outputs(str(source), self._target)
+            hparams = getattr(pl_module, "hparams", {})
+            source = hparams.get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
+            self._resolve_outputs(str(source), self._target, inputs=(hparams.get("model"), hparams.get("teacher")))
             self._layers_before = depth
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()
