@@ -130,3 +130,20 @@ def test_unreachable_target_fails_before_merging(tiny_model_dir, tiny_corpus, ti
         run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, target_layers=2)
     with pytest.raises(MKAError, match="target_layers=6 must be below the model's 6 layers"):
         run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, target_layers=6)
+
+
+def test_an_export_dir_that_holds_an_input_model_is_refused(tmp_path):
+    """``check_export_dir(..., inputs)``: the export dir may not be, or hold, a model the run reads (a directory or a
+    .gguf file), overwrite or not; other dirs, and sources that are not local paths (hub ids, assets), pass."""
+    from lightning_mka.export import check_export_dir
+
+    model, gguf = tmp_path / "models" / "student", tmp_path / "ggufs" / "teacher.gguf"
+    model.mkdir(parents=True)
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    inputs = (str(model), str(gguf), "org/hub-model", None)
+    for target in (model, tmp_path / "models", gguf.parent, tmp_path):
+        with pytest.raises(MKAError, match="would replace .*, a model this run reads; choose another export_dir"):
+            check_export_dir(target, overwrite=True, inputs=inputs)
+    assert check_export_dir(tmp_path / "models" / "other", overwrite=True, inputs=inputs) == tmp_path / "models" / "other"
+    assert check_export_dir(model, overwrite=True) == model  # without inputs: the overwrite rule alone

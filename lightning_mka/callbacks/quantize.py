@@ -104,10 +104,11 @@ class QuantizeCallback(Callback):
         merge = self._merge_callback(trainer)
         if merge is not None and merge._target is None:
             raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
+        hparams = getattr(pl_module, "hparams", {})
         for mode in self.modes:  # the merged export's name is known now (MergeCallback.setup resolved it)
             target = self._target(mode, merge.export_dir if merge is not None else None)
             if target is not None:
-                check_export_dir(target, self.overwrite)
+                check_export_dir(target, self.overwrite, inputs=(hparams.get("model"), hparams.get("teacher")))
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
