@@ -285,6 +285,11 @@ def _build_wiki_jsonl(dump: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def model_asset_dir(name: str) -> Path:
+    """Where model asset ``name``'s HF dir lives in the cache (built or not)."""
+    return cache_dir() / "models" / name
+
+
 def asset_path(name: str) -> Path:
     """The ready-to-use path of an asset, fetching and building it on first use.
 
@@ -299,7 +304,7 @@ def asset_path(name: str) -> Path:
         with _cache_lock():
             _clean_cache_temps()
             if asset.kind == "model":
-                out = cache_dir() / "models" / name
+                out = model_asset_dir(name)
                 if out.exists() and _damaged_model_dir(out):
                     shutil.rmtree(out)  # built from the sha256-checked GGUF: rebuild it
                 if not (out / "config.json").exists():

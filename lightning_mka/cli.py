@@ -72,8 +72,8 @@ class MKACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is not None and not config.get("ckpt_path"):
-            self._check_progress_files(config)
+        if config is not None and self.subcommand == "validate" and not config.get("ckpt_path"):
+            self._check_progress_files(config)  # only validate resumes from a progress file (fit: checkpoints)
 
     @staticmethod
     def _check_progress_files(config) -> None:

@@ -48,13 +48,26 @@ def resolve_export_path(template: str, model: str, layers: int) -> str:
     return template.format(model=model_name(model), layers=layers)
 
 
+def input_location(source: str | None) -> Path | None:
+    """Where a model source lives on this machine (resolved): a model asset's cache dir (built or not), an existing
+    local path; None for a hub id or nothing."""
+    from lightning_mka.assets import MODEL_ASSETS, model_asset_dir
+
+    if not source:
+        return None
+    if source in MODEL_ASSETS:
+        return model_asset_dir(source).resolve()
+    local = Path(str(source)).expanduser()
+    return local.resolve() if local.exists() else None
+
+
 def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> Path:
     """Validate an export target before any work is done. ``inputs``: the model sources the run reads (the model,
     a teacher): an export never replaces one of them, ``overwrite`` or not."""
     path = Path(export_dir).expanduser()
     for source in inputs:
-        local = Path(str(source)).expanduser() if source else None
-        if local is not None and local.exists() and (local.resolve() == path.resolve() or path.resolve() in local.resolve().parents):
+        local = input_location(source)
+        if local is not None and (local == path.resolve() or path.resolve() in local.parents):
             raise MKAError(f"export dir {str(path)!r} would replace {str(source)!r}, a model this run reads; choose another export_dir (an export never overwrites its input)")
     if path.exists() and not overwrite:
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")

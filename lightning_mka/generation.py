@@ -68,17 +68,37 @@ def sample_texts(model, tokenizer, count: int, new_tokens: int, batch_size: int 
     return texts
 
 
+def check_output_file(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file whose directory cannot be made or written (a file in the way, no
+    permission, a read-only file system)."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MKAError(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is a file, not a directory; choose another path")
+    try:  # permission bits do not stop root, but a read-only file system does
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise MKAError(f"{flag} {str(out)!r} cannot be written ({err.strerror} in {str(parent)!r}); choose a writable directory") from None
+
+
 def write_jsonl_atomic(texts: list[str], out: Path) -> None:
-    """Write ``{"text": ...}`` lines to a temporary file next to ``out`` and rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    """Write ``{"text": ...}`` lines to a temporary file next to ``out`` and rename it into place; an OS error (e.g. a
+    full disk) is one line, and nothing is left behind."""
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for text in texts:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise MKAError(f"could not write {str(out)!r} ({err.strerror or err}); free space or choose another path, then rerun") from None
         raise
 
 
@@ -107,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MKAError(f"--out {args.out!r} is a directory; name a .jsonl file inside it")
         if out.exists() and not args.overwrite:
             raise MKAError(f"--out {args.out!r} already exists; pass --overwrite or choose another file")
+        check_output_file(out)
         if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
             raise MKAError(f"--tokens, --seq-len and --batch-size must be >= 1, 2, 1; got {args.tokens}, {args.seq_len}, {args.batch_size}")
         if not args.temperature > 0:

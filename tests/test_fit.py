@@ -44,3 +44,31 @@ def test_stopped_and_resumed_fit_equals_an_uninterrupted_one(merged_lr_scale, ti
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_fit_neither_reads_nor_writes_a_progress_file(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """Merges chosen after training steps cannot be replayed on a rerun's fresh weights: ``fit`` resumes from its
+    checkpoints only. No progress file appears while it merges between epochs, and one left at the path (here a
+    damaged one) is neither read nor touched."""
+    export, progress = tmp_path / "export", tmp_path / "export.mka-progress.json"
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append((len(decoder_stack(pl_module.model)[1]), progress.exists()))
+
+    def run(overwrite):
+        L.seed_everything(0)
+        module = MKAModule(model=str(tiny_model_dir), learning_rate=1e-3)
+        data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8, seq_len=32,
+                                     batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+        merge = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1, export_dir=str(export), overwrite=overwrite)
+        L.Trainer(accelerator="cpu", max_epochs=4, callbacks=[merge, Watch()], logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(module, datamodule=data)
+
+    run(overwrite=False)
+    assert [depth for depth, _ in seen] == [6, 5, 4, 3] and not any(exists for _, exists in seen)
+    assert (export / "config.json").exists() and not progress.exists()
+    progress.write_text("{")
+    run(overwrite=True)
+    assert progress.read_text() == "{"

@@ -68,6 +68,8 @@ def test_cli_writes_jsonl_atomically_and_refuses_bad_input(tmp_path, tiny_model_
         (["--out", str(tmp_path / "samples.txt")], "must end in .jsonl"),
         (["--out", str(tmp_path / "x.jsonl"), "--temperature", "0"], "--temperature must be > 0"),
         (["--out", str(tmp_path / "y.jsonl"), "--tokens", "0"], "must be >= 1"),
+        (["--out", str(out / "z.jsonl")], f"cannot be written: {str(out)!r} is a file, not a directory"),
+        (["--out", "/proc/mka/z.jsonl"], "cannot be written ("),
     ):
         assert main(["--model", str(tiny_model_dir), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -102,3 +104,18 @@ def test_train_text_feeds_training_and_leaves_calibration_unchanged(tmp_path, ti
     assert CalibrationDataModule(**{**common, "eval_texts": ["wiki"]}, train_text="wiki").train_text == "wiki"
     with pytest.raises(MKAError, match="data.train_text 'lee' is held out for evaluation only"):
         CalibrationDataModule(**{**common, "eval_texts": ["wiki"]}, train_text="lee")
+
+
+def test_a_failed_write_of_the_samples_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from lightning_mka.errors import MKAError
+    from lightning_mka.generation import write_jsonl_atomic
+
+    def full_disk(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_mka.generation.os.replace", full_disk)
+    with pytest.raises(MKAError, match=r"could not write '.*samples.jsonl' \(No space left on device\); free space"):
+        write_jsonl_atomic(["a", "b"], tmp_path / "samples.jsonl")
+    assert list(tmp_path.iterdir()) == []

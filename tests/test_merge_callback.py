@@ -132,9 +132,10 @@ def test_unreachable_target_fails_before_merging(tiny_model_dir, tiny_corpus, ti
         run_validate(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path, target_layers=6)
 
 
-def test_an_export_dir_that_holds_an_input_model_is_refused(tmp_path):
+def test_an_export_dir_that_holds_an_input_model_is_refused(tmp_path, monkeypatch):
     """``check_export_dir(..., inputs)``: the export dir may not be, or hold, a model the run reads (a directory or a
     .gguf file), overwrite or not; other dirs, and sources that are not local paths (hub ids, assets), pass."""
+    from lightning_mka.assets import CACHE_ENV
     from lightning_mka.export import check_export_dir
 
     model, gguf = tmp_path / "models" / "student", tmp_path / "ggufs" / "teacher.gguf"
@@ -147,3 +148,7 @@ def test_an_export_dir_that_holds_an_input_model_is_refused(tmp_path):
             check_export_dir(target, overwrite=True, inputs=inputs)
     assert check_export_dir(tmp_path / "models" / "other", overwrite=True, inputs=inputs) == tmp_path / "models" / "other"
     assert check_export_dir(model, overwrite=True) == model  # without inputs: the overwrite rule alone
+    # a model asset by name: its dir in the cache (LIGHTNING_MKA_CACHE here), built or not
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(MKAError, match=r"would replace 'smollm2-135m', a model this run reads"):
+        check_export_dir(tmp_path / "cache" / "models" / "smollm2-135m", overwrite=True, inputs=("smollm2-135m",))

@@ -86,10 +86,11 @@ class MergeCallback(Callback):
             directory's or file's name, or a hub id's name part); they are resolved and the directory checked for
             writing at ``setup``, before any work.
         overwrite: replace an existing ``export_dir``.
-        resume: continue an interrupted run. After every merge the plan is saved (atomically) to ``progress_file``;
-            rerunning the same command replays it and goes on, ending with the same weights as an uninterrupted
-            run. The file is removed once the export is written. A progress file from a different configuration
-            is refused.
+        resume: continue an interrupted ``validate``. After every merge the plan is saved (atomically) to
+            ``progress_file``; rerunning the same command replays it and goes on, ending with the same weights as an
+            uninterrupted run. The file is removed once the export is written. A progress file from a different
+            configuration is refused. ``fit`` resumes from its checkpoints (``--ckpt_path``) instead and uses no
+            progress file: merges chosen after training steps cannot be replayed on a rerun's fresh weights.
         progress_file: where progress is kept (default: ``<export_dir>.mka-progress.json``, following the resolved
             export dir; none without export_dir). Same placeholders as ``export_dir``.
         evaluate_before_healing: in ``fit``, evaluate the model right after the last merge, before the remaining
@@ -303,9 +304,9 @@ class MergeCallback(Callback):
             return None
         depth = None
         try:
-            from lightning_mka.assets import ASSETS, cache_dir
+            from lightning_mka.assets import ASSETS, model_asset_dir
 
-            folder = cache_dir() / "models" / model if model in ASSETS else Path(str(model)).expanduser()
+            folder = model_asset_dir(model) if model in ASSETS else Path(str(model)).expanduser()
             config = json.loads((folder / "config.json").read_text())
             depth = int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers"))
             layers = resolve_target(depth, init_args.get("target_layers"), init_args.get("compression_ratio"), int(init_args.get("keep_first", 1)), int(init_args.get("keep_last", 1)))
@@ -390,6 +391,10 @@ class MergeCallback(Callback):
             hparams = getattr(pl_module, "hparams", {})
             source = hparams.get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
             self._resolve_outputs(str(source), self._target, inputs=(hparams.get("model"), hparams.get("teacher")))
+            if stage != "validate":
+                # A progress file resumes validate only. In fit, merges chosen after training steps cannot be replayed
+                # on a rerun's fresh weights, so fit neither reads nor writes one: its checkpoints carry the plan.
+                self.progress_file = None
             self._layers_before = depth
             self._params_before = count_parameters(pl_module.model)
             self._started = time.perf_counter()

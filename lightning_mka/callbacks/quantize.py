@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -17,8 +18,27 @@ from lightning_mka.errors import MKAError
 from lightning_mka.execution import executor_of
 from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
+from lightning_mka.signals import clean_stale_temps
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
+
+
+def check_mode_template(export_dir: str) -> None:
+    """A quantized export path knows one placeholder, ``{mode}``: others (``{model}``, ``{layers}``) or a malformed
+    template are refused rather than written literally."""
+    import string
+
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(export_dir) if field is not None}
+    except ValueError as err:
+        raise MKAError(f"QuantizeCallback export_dir {export_dir!r} is not a valid template ({err}); write the placeholder as {{mode}}") from None
+    if fields - {"mode"}:
+        raise MKAError(f"QuantizeCallback export_dir {export_dir!r} has placeholder(s) {', '.join(sorted(fields - {'mode'}))} it cannot fill; use {{mode}} only, "
+                       "or leave export_dir unset to name the exports after the MergeCallback's (its path + -{mode})")
+
+
+# The float copy of an in-memory model that quantization loads from: <tmp>/mka-quantize-pid<N>-...
+QUANTIZE_TEMP_PREFIX = "mka-quantize-"
 
 
 class QuantizeCallback(Callback):
@@ -57,6 +77,8 @@ class QuantizeCallback(Callback):
             raise MKAError("QuantizeCallback needs at least one mode: int8 or nf4")
         for mode in self.modes:
             require_bitsandbytes(mode)
+        if export_dir is not None:
+            check_mode_template(export_dir)
         if export_dir is not None and "{mode}" not in export_dir and len(self.modes) > 1:
             raise MKAError(f"export_dir {export_dir!r} must contain {{mode}} when quantizing to several modes")
         self.export_dir = export_dir
@@ -125,29 +147,39 @@ class QuantizeCallback(Callback):
             return
         self._done = True
         merge = self._merge_callback(trainer)
-        merged_export = merge.export_dir if merge is not None else None
+        # The merged export only if this run wrote it: a dir left by an earlier run at that path is another model.
+        merged_export = merge.export_dir if merge is not None and merge._finished else None
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        temp = None
-        if merged_export is None or not Path(merged_export, "config.json").exists():
-            # Quantize from float weights on disk: save the in-memory model to a temporary directory (rank 0).
-            temp = Path(tempfile.mkdtemp(prefix="mka-quantize-")) if trainer.is_global_zero else None
-            temp = trainer.strategy.broadcast(temp, src=0)
-            if trainer.is_global_zero:
-                executor_of(pl_module.model).save_pretrained(temp)  # offload: disk streams the weights from where they are
-            trainer.strategy.barrier("mka_quantize_source")
-            source = temp
-        else:
-            source = Path(merged_export)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         # The quantized model computes in the float model's dtype, on the float model's device.
         device = trainer.strategy.root_device
         device_map = "cpu" if device.type == "cpu" else {"": str(device)}
         compute_dtype = next(pl_module.model.parameters()).dtype
-        results: dict[str, Any] = {
-            "source": str(source) if temp is None else "in-memory model",
-            "float": {"bytes_on_disk": directory_bytes(source), "bytes_in_memory": weight_bytes(pl_module.model), "metrics": dict(pl_module.last_metrics)},
-        }
+        temp = None
         try:
+            if merged_export is None or not Path(merged_export, "config.json").exists():
+                # Quantize from float weights on disk: save the in-memory model to a temporary directory (rank 0),
+                # named after this process like every temp path of the tool, so a run killed by SIGKILL (which skips
+                # the clean-up below) has its copy removed by the next one.
+                if trainer.is_global_zero:
+                    root = Path(tempfile.gettempdir())
+                    clean_stale_temps(root, QUANTIZE_TEMP_PREFIX)
+                    temp = Path(tempfile.mkdtemp(prefix=f"{QUANTIZE_TEMP_PREFIX}pid{os.getpid()}-", dir=root))
+                temp = trainer.strategy.broadcast(temp, src=0)
+                if trainer.is_global_zero:
+                    try:
+                        executor_of(pl_module.model).save_pretrained(temp)  # offload: disk streams the weights from where they are
+                    except OSError as err:
+                        raise MKAError(f"could not save the model to quantize in {str(temp.parent)!r} ({err.strerror or err}); free space there "
+                                       "or point TMPDIR at a disk with room for one float copy of the model") from None
+                trainer.strategy.barrier("mka_quantize_source")
+                source = temp
+            else:
+                source = Path(merged_export)
+            results: dict[str, Any] = {
+                "source": str(source) if temp is None else "in-memory model",
+                "float": {"bytes_on_disk": directory_bytes(source), "bytes_in_memory": weight_bytes(pl_module.model), "metrics": dict(pl_module.last_metrics)},
+            }
             for mode in self.modes:
                 tick = time.perf_counter()
                 model = load_quantized(source, mode, compute_dtype=compute_dtype, device_map=device_map, skip_modules=self.skip_modules)
