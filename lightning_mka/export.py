@@ -48,27 +48,37 @@ def resolve_export_path(template: str, model: str, layers: int) -> str:
     return template.format(model=model_name(model), layers=layers)
 
 
-def input_location(source: str | None) -> Path | None:
-    """Where a model source lives on this machine (resolved): a model asset's cache dir (built or not), an existing
-    local path; None for a hub id or nothing."""
+def input_locations(source: str | None) -> set[Path]:
+    """Where a model source lives on this machine: a model asset's cache dir (built or not) or an existing local path,
+    both as written (absolute) and with symlinks resolved; nothing for a hub id."""
     from lightning_mka.assets import MODEL_ASSETS, model_asset_dir
 
     if not source:
-        return None
-    if source in MODEL_ASSETS:
-        return model_asset_dir(source).resolve()
-    local = Path(str(source)).expanduser()
-    return local.resolve() if local.exists() else None
+        return set()
+    local = model_asset_dir(source) if source in MODEL_ASSETS else Path(str(source)).expanduser()
+    if source not in MODEL_ASSETS and not local.exists():
+        return set()
+    return {Path(os.path.abspath(local)), local.resolve()}
+
+
+def replaces(export_dir: Path, inputs: tuple[str | None, ...]) -> str | None:
+    """The first of ``inputs`` that writing ``export_dir`` would replace: the dir itself or one holding it, compared
+    as written and through symlinks (a hub snapshot's ``.gguf`` is a link into its blobs)."""
+    targets = {Path(os.path.abspath(export_dir)), export_dir.resolve()}
+    for source in inputs:
+        for local in input_locations(source):
+            if any(local == target or target in local.parents for target in targets):
+                return str(source)
+    return None
 
 
 def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> Path:
     """Validate an export target before any work is done. ``inputs``: the model sources the run reads (the model,
     a teacher): an export never replaces one of them, ``overwrite`` or not."""
     path = Path(export_dir).expanduser()
-    for source in inputs:
-        local = input_location(source)
-        if local is not None and (local == path.resolve() or path.resolve() in local.parents):
-            raise MKAError(f"export dir {str(path)!r} would replace {str(source)!r}, a model this run reads; choose another export_dir (an export never overwrites its input)")
+    source = replaces(path, inputs)
+    if source is not None:
+        raise MKAError(f"export dir {str(path)!r} would replace {source!r}, a model this run reads; choose another export_dir (an export never overwrites its input)")
     if path.exists() and not overwrite:
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")
     if path.exists() and not path.is_dir():

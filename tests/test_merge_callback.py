@@ -148,6 +148,15 @@ def test_an_export_dir_that_holds_an_input_model_is_refused(tmp_path, monkeypatc
             check_export_dir(target, overwrite=True, inputs=inputs)
     assert check_export_dir(tmp_path / "models" / "other", overwrite=True, inputs=inputs) == tmp_path / "models" / "other"
     assert check_export_dir(model, overwrite=True) == model  # without inputs: the overwrite rule alone
+    # through symlinks: a hub snapshot's .gguf links into its blobs; an export dir may itself be a link to the model
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_bytes(b"GGUF")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "m.gguf").symlink_to(tmp_path / "blobs" / "abc")
+    (tmp_path / "link-to-student").symlink_to(model)
+    for target, source in ((tmp_path / "snapshot", tmp_path / "snapshot" / "m.gguf"), (tmp_path / "link-to-student", model)):
+        with pytest.raises(MKAError, match="a model this run reads"):
+            check_export_dir(target, overwrite=True, inputs=(str(source),))
     # a model asset by name: its dir in the cache (LIGHTNING_MKA_CACHE here), built or not
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(MKAError, match=r"would replace 'smollm2-135m', a model this run reads"):

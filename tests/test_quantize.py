@@ -10,6 +10,7 @@ are checked against bitsandbytes' conversion on every machine (``test_packed_lay
 
 import json
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -222,35 +223,55 @@ def test_quantize_a_disk_offloaded_model_without_a_merge(quant_model_dir, tiny_c
 
 
 def test_quantize_export_dir_takes_only_the_mode_placeholder():
-    with pytest.raises(MKAError, match=r"export_dir 'exports/\{model\}-\{layers\}L-\{mode\}' has placeholder\(s\) layers, model it cannot fill; use \{mode\} only"):
-        QuantizeCallback(modes=["int8"], export_dir="exports/{model}-{layers}L-{mode}")
-    with pytest.raises(MKAError, match="is not a valid template"):
-        QuantizeCallback(modes=["int8"], export_dir="exports/{mode")
+    for bad in ("exports/{model}-{layers}L-{mode}", "exports/{mode", "exports/{mode!r}", "exports/{}"):
+        with pytest.raises(MKAError, match="has braces other than the placeholder \\{mode\\}; use \\{mode\\} only"):
+            QuantizeCallback(modes=["int8"], export_dir=bad)
+    assert QuantizeCallback(modes=["int8", "nf4"], export_dir="exports/q-{mode}").export_dir == "exports/q-{mode}"
 
 
-def test_quantize_uses_this_runs_export_only_and_cleans_its_float_copy(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path, monkeypatch):
+def test_quantize_uses_this_runs_export_only_and_cleans_its_float_copy(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path):
     """A fit whose merges never ran (no validation) has no merged export of its own: a model left at the export path
-    by an earlier run is not quantized in its place; the in-memory model is, from a float copy in the temp dir that
-    is named after this process and removed, and a copy a killed run left behind is removed too."""
+    by an earlier run is not quantized in its place (a warning says the quantized models are not exported); the
+    in-memory model is, from a float copy in the run dir that is named after this process and removed, and a copy a
+    killed run left there is removed too."""
     import subprocess
-    import tempfile
 
     from lightning_mka.callbacks.quantize import QUANTIZE_TEMP_PREFIX
 
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    (scratch / f"{QUANTIZE_TEMP_PREFIX}pid{dead}-left").mkdir()  # a SIGKILLed run's copy
+    (run_dir / f"{QUANTIZE_TEMP_PREFIX}pid{dead}-left").mkdir()  # a SIGKILLed run's copy
     earlier = tmp_path / "merged"
     tiny_model("llama", layers=2, hidden_size=64, intermediate_size=128).save_pretrained(earlier)  # another model
     module = MKAModule(model=str(quant_model_dir), learning_rate=1e-3)
     data = CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8,
                                  seq_len=32, batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
     merge = MergeCallback(target_layers=5, num_points=128, export_dir=str(earlier), overwrite=True)
-    trainer(tmp_path, [merge, QuantizeCallback(modes=["int8"])], max_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
-            enable_checkpointing=False).fit(module, datamodule=data)
-    results = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
+    with pytest.warns(UserWarning, match="the MergeCallback wrote no export in this run"):
+        L.Trainer(accelerator="cpu", callbacks=[merge, QuantizeCallback(modes=["int8"])], logger=False, default_root_dir=run_dir, max_steps=1,
+                  num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module, datamodule=data)
+    results = json.loads((run_dir / "quantization.json").read_text())
     assert results["source"] == "in-memory model" and results["int8"]["bytes_in_memory"] > 0
     assert not (tmp_path / "merged-int8").exists()
-    assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in run_dir.iterdir()) == ["quantization.json"]
+
+
+def test_a_failed_save_of_the_float_copy_is_one_line_and_leaves_nothing(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path, monkeypatch):
+    import errno
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            (Path(path) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_mka.callbacks.quantize.executor_of", lambda model: FullDisk())
+    module = MKAModule(model=str(quant_model_dir))
+    data = CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=4, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    run_dir = tmp_path / "run"
+    with pytest.raises(MKAError, match=r"could not save the model to quantize in '.*run' \(No space left on device\); free space"):
+        L.Trainer(accelerator="cpu", callbacks=[QuantizeCallback(modes=["int8"])], logger=False, default_root_dir=run_dir,
+                  enable_progress_bar=False, enable_model_summary=False).validate(module, datamodule=data)
+    assert list(run_dir.iterdir()) == []

@@ -11,7 +11,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors import SafetensorError
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
@@ -26,19 +27,14 @@ from lightning_mka.surgery import num_layers
 def check_mode_template(export_dir: str) -> None:
     """A quantized export path knows one placeholder, ``{mode}``: others (``{model}``, ``{layers}``) or a malformed
     template are refused rather than written literally."""
-    import string
-
-    try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(export_dir) if field is not None}
-    except ValueError as err:
-        raise MKAError(f"QuantizeCallback export_dir {export_dir!r} is not a valid template ({err}); write the placeholder as {{mode}}") from None
-    if fields - {"mode"}:
-        raise MKAError(f"QuantizeCallback export_dir {export_dir!r} has placeholder(s) {', '.join(sorted(fields - {'mode'}))} it cannot fill; use {{mode}} only, "
-                       "or leave export_dir unset to name the exports after the MergeCallback's (its path + -{mode})")
+    rest = export_dir.replace("{mode}", "")
+    if "{" in rest or "}" in rest:
+        raise MKAError(f"QuantizeCallback export_dir {export_dir!r} has braces other than the placeholder {{mode}}; use {{mode}} only (no {{model}}, "
+                       "{layers} or format specs), or leave export_dir unset to name the exports after the MergeCallback's (its path + -{mode})")
 
 
-# The float copy of an in-memory model that quantization loads from: <tmp>/mka-quantize-pid<N>-...
-QUANTIZE_TEMP_PREFIX = "mka-quantize-"
+# The float copy of an in-memory model that quantization loads from: <run dir>/.mka-quantize-pid<N>-...
+QUANTIZE_TEMP_PREFIX = ".mka-quantize-"
 
 
 class QuantizeCallback(Callback):
@@ -158,20 +154,23 @@ class QuantizeCallback(Callback):
         temp = None
         try:
             if merged_export is None or not Path(merged_export, "config.json").exists():
-                # Quantize from float weights on disk: save the in-memory model to a temporary directory (rank 0),
-                # named after this process like every temp path of the tool, so a run killed by SIGKILL (which skips
-                # the clean-up below) has its copy removed by the next one.
+                # Quantize from float weights on disk: save the in-memory model to a temporary directory in the run
+                # dir (rank 0), named after this process like every temp path of the tool, so a run killed by SIGKILL
+                # (which skips the clean-up below) has its copy removed by the next run in that dir.
+                if merge is not None and merge.export_dir is not None and not merge._finished and self.export_dir is None:
+                    rank_zero_warn(f"QuantizeCallback: the MergeCallback wrote no export in this run (nothing merged), so there is no path to name "
+                                   "the quantized exports after; they are measured, not exported (set QuantizeCallback export_dir to export them)")
                 if trainer.is_global_zero:
-                    root = Path(tempfile.gettempdir())
-                    clean_stale_temps(root, QUANTIZE_TEMP_PREFIX)
-                    temp = Path(tempfile.mkdtemp(prefix=f"{QUANTIZE_TEMP_PREFIX}pid{os.getpid()}-", dir=root))
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    clean_stale_temps(out_dir, QUANTIZE_TEMP_PREFIX)
+                    temp = Path(tempfile.mkdtemp(prefix=f"{QUANTIZE_TEMP_PREFIX}pid{os.getpid()}-", dir=out_dir))
                 temp = trainer.strategy.broadcast(temp, src=0)
                 if trainer.is_global_zero:
                     try:
                         executor_of(pl_module.model).save_pretrained(temp)  # offload: disk streams the weights from where they are
-                    except OSError as err:
-                        raise MKAError(f"could not save the model to quantize in {str(temp.parent)!r} ({err.strerror or err}); free space there "
-                                       "or point TMPDIR at a disk with room for one float copy of the model") from None
+                    except (OSError, SafetensorError) as err:
+                        raise MKAError(f"could not save the model to quantize in {str(out_dir)!r} ({getattr(err, 'strerror', None) or err}); free space "
+                                       "there or choose another run dir (--trainer.default_root_dir)") from None
                 trainer.strategy.barrier("mka_quantize_source")
                 source = temp
             else:
