@@ -83,18 +83,27 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tup
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")
     if path.exists() and not path.is_dir():
         raise MKAError(f"export dir {str(path)!r} is a file; choose a directory path")
+    parent = writable_ancestor(path, f"export dir {str(path)!r}", "choose another export_dir")
+    clean_stale_temps(parent, f".{path.name}.")  # temp dirs of an export killed by SIGKILL
+    return path
+
+
+def writable_ancestor(path: Path, what: str, fix: str) -> Path:
+    """The nearest existing directory above ``path`` (where it will be created), checked writable before any work:
+    one line naming ``what`` and ``fix`` otherwise."""
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    clean_stale_temps(parent, f".{path.name}.")  # temp dirs of an export killed by SIGKILL
+    if not parent.is_dir():
+        raise MKAError(f"{what} cannot be written: {str(parent)!r} is a file, not a directory; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MKAError(f"export dir {str(path)!r} is not writable (no write permission on {str(parent)!r}); choose another export_dir")
+        raise MKAError(f"{what} is not writable (no write permission on {str(parent)!r}); {fix}")
     try:  # permission bits do not stop root, but a read-only file system does
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise MKAError(f"export dir {str(path)!r} is not writable ({err.strerror} in {str(parent)!r}); choose another export_dir") from None
-    return path
+        raise MKAError(f"{what} is not writable ({err.strerror} in {str(parent)!r}); {fix}") from None
+    return parent
 
 
 def write_error_reason(err: BaseException) -> str:

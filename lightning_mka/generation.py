@@ -71,16 +71,9 @@ def sample_texts(model, tokenizer, count: int, new_tokens: int, batch_size: int 
 def check_output_file(out: Path, flag: str = "--out") -> None:
     """Refuse, before any work, an output file whose directory cannot be made or written (a file in the way, no
     permission, a read-only file system)."""
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MKAError(f"{flag} {str(out)!r} cannot be written: {str(parent)!r} is a file, not a directory; choose another path")
-    try:  # permission bits do not stop root, but a read-only file system does
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise MKAError(f"{flag} {str(out)!r} cannot be written ({err.strerror} in {str(parent)!r}); choose a writable directory") from None
+    from lightning_mka.export import writable_ancestor
+
+    writable_ancestor(out, f"{flag} {str(out)!r}", "choose a writable directory")
 
 
 def write_jsonl_atomic(texts: list[str], out: Path) -> None:

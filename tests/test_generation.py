@@ -69,7 +69,7 @@ def test_cli_writes_jsonl_atomically_and_refuses_bad_input(tmp_path, tiny_model_
         (["--out", str(tmp_path / "x.jsonl"), "--temperature", "0"], "--temperature must be > 0"),
         (["--out", str(tmp_path / "y.jsonl"), "--tokens", "0"], "must be >= 1"),
         (["--out", str(out / "z.jsonl")], f"cannot be written: {str(out)!r} is a file, not a directory"),
-        (["--out", "/proc/mka/z.jsonl"], "cannot be written ("),
+        (["--out", "/proc/mka/z.jsonl"], "'/proc/mka/z.jsonl' is not writable ("),
     ):
         assert main(["--model", str(tiny_model_dir), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
