@@ -86,6 +86,8 @@ def write_jsonl_atomic(texts: list[str], out: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for text in texts:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
         os.replace(tmp, out)
     except BaseException as err:
         if tmp is not None:
