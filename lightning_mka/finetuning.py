@@ -12,15 +12,31 @@ TRAINABLE = ("all", "layers", "merged", "lora", "tail")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def check_trainable(mode: str, lora_rank: int = 8, tail_layers: int = 3) -> None:
+def check_trainable(mode: str, lora_rank: int = 8, tail_layers: int = 3, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                    lora_targets: list[str] | None = None) -> None:
     if mode not in TRAINABLE:
         raise MKAError(f"unknown trainable {mode!r}; use one of {', '.join(TRAINABLE)}")
     if mode == "tail" and (not isinstance(tail_layers, int) or tail_layers < 0):
         raise MKAError(f"tail_layers must be an integer >= 0, got {tail_layers!r}")
     if mode == "lora":
         require_peft()
-        if lora_rank < 1:
-            raise MKAError(f"lora_rank must be >= 1, got {lora_rank}")
+        if not isinstance(lora_rank, int) or lora_rank < 1:
+            raise MKAError(f"lora_rank must be an integer >= 1, got {lora_rank!r}")
+        if not lora_alpha > 0:
+            raise MKAError(f"lora_alpha must be > 0, got {lora_alpha!r}; the adapters' scale is lora_alpha / lora_rank (default 16)")
+        if not 0 <= lora_dropout < 1:
+            raise MKAError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if lora_targets is not None and (not lora_targets or not all(isinstance(t, str) and t for t in lora_targets)):
+            raise MKAError(f"lora_targets must be a non-empty list of linear layer names (e.g. [q_proj, v_proj]), got {lora_targets!r}")
+
+
+def check_lora_targets(model: nn.Module, targets: list[str] | None) -> None:
+    """Every LoRA target names linear layers of ``model`` (a module name or its dotted tail, as peft matches them)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    missing = [t for t in (targets or DEFAULT_LORA_TARGETS) if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise MKAError(f"lora_targets {missing} name no linear layer of this model; its linear layers are {kinds}")
 
 
 def require_peft() -> None:

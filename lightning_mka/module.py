@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_loss, warmup_cosine
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
-from lightning_mka.finetuning import check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, merged_layers, tail_parameters
+from lightning_mka.finetuning import check_lora_targets, check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, merged_layers, tail_parameters
 from lightning_mka.execution import check_execution, executor_of
 from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
@@ -106,13 +106,15 @@ class MKAModule(L.LightningModule):
         super().__init__()
         parse_dtype(dtype)
         check_execution(execution, offload)
-        check_trainable(trainable, lora_rank, tail_layers)
+        check_trainable(trainable, lora_rank, tail_layers, lora_alpha, lora_dropout, lora_targets)
         check_distillation(model, teacher, temperature, kd_weight, lm_weight, hidden_weight, kd_chunk_tokens, lr_schedule, warmup_steps, min_lr_ratio, merged_lr_scale,
                            distill=distill)
         check_optimizer(optimizer, learning_rate)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_model_executed(model, dtype, execution, offload, offload_dir)
         decoder_stack(self.model)  # unsupported architectures fail here, before any data is read
+        if trainable == "lora":
+            check_lora_targets(self.model, lora_targets)
         # Merges already in the loaded model (an export of this tool): the teacher's layers the student's came from.
         self.source_plan: list[dict] = read_export_plan(model)
         # In __dict__, not a registered child: see ``teacher`` above. A teacher path is loaded (and checked) here; the
@@ -356,12 +358,13 @@ class MKAModule(L.LightningModule):
         return trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
 
     def _new_evaluator(self, names: list[str]) -> Evaluator:
-        # Agreement is measured against the model's own predictions recorded while no merge has happened yet, or, for
-        # a model compressed before it was loaded (an export being healed), against the teacher's: the dense model.
-        reference = None
-        if self.source_plan and self.teacher is not None and not self._reference_top1:
-            reference = self.teacher.to(self.device)
-        return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=not self.merge_plan, reduce=self._sum_over_ranks,
+        # Agreement is measured against the model's own predictions recorded while it is still as loaded (no merge, no
+        # training step: a fit whose first validation follows training records nothing then), or, for a model
+        # compressed before it was loaded (an export being healed), against the teacher's: the dense model.
+        trainer = self._trainer
+        as_loaded = not self.merge_plan and (trainer is None or trainer.global_step == 0)
+        reference = self.teacher.to(self.device) if self.source_plan and self.teacher is not None else None
+        return Evaluator(names, self._num_topics(), self._reference_top1, record_reference=as_loaded or reference is not None, reduce=self._sum_over_ranks,
                          reference_model=reference)
 
     def evaluate(self, dataloaders, model=None, desc: str = "evaluation") -> dict[str, float]:

@@ -72,3 +72,39 @@ def test_fit_neither_reads_nor_writes_a_progress_file(tiny_model_dir, tiny_corpu
     progress.write_text("{")
     run(overwrite=True)
     assert progress.read_text() == "{"
+
+
+@pytest.mark.parametrize("sanity", [0, 2, -1])
+def test_top1_agreement_is_recorded_only_from_the_model_as_loaded(sanity, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """The dense reference is recorded while the model is as loaded: in the sanity check (all of it with -1, its first
+    batches with 2), never at a validation that follows training steps, where it would be the trained model's own
+    predictions (agreement 1.0 by construction)."""
+    L.seed_everything(0)
+    module = MKAModule(model=str(tiny_model_dir), learning_rate=1e-3)
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8, seq_len=32,
+                                 batch_size=2, eval_texts=[str(tiny_heldout)], eval_samples=6)
+    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=sanity).fit(module, datamodule=data)
+    recorded = len(module._reference_top1)
+    agreement = module.last_metrics.get(f"{tiny_heldout}_top1_agree")
+    assert recorded == {0: 0, 2: 4, -1: 6}[sanity]  # sequences: 2 sanity batches of 2, or all 6
+    assert (agreement is None) == (sanity == 0)
+    if agreement is not None:
+        assert 0 <= agreement < 1.0  # the trained model against the one as loaded
+
+
+def test_fit_without_training_text_is_refused_before_the_dense_validation(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    from lightning_mka.errors import MKAError
+
+    module = MKAModule(model=str(tiny_model_dir))
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, train_samples=0, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4)
+    merge = MergeCallback(target_layers=3, num_points=128, merges_per_validation=3)
+    with pytest.raises(MKAError, match=r"fit needs training text: set data.train_samples > 0"):
+        L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[merge], logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=-1).fit(module, datamodule=data)
+    assert len(decoder_stack(module.model)[1]) == 6 and module.last_metrics == {}  # no validation, no merge ran
+    short = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=10_000, train_samples=4, seq_len=32,
+                                  eval_texts=[])
+    with pytest.raises(MKAError, match=r"fit needs training text, but calibration source .* after its \d+ calibration sequences holds no sequence of 32 tokens"):
+        short.setup("fit")

@@ -120,6 +120,22 @@ def test_unknown_trainable_is_refused(tiny_model_dir):
         MKAModule(model=str(tiny_model_dir), trainable="some")
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(lora_dropout=1.5), "lora_dropout must be in [0, 1), got 1.5"),
+    (dict(lora_alpha=0), "lora_alpha must be > 0, got 0"),
+    (dict(lora_rank=0), "lora_rank must be an integer >= 1, got 0"),
+    (dict(lora_targets=[]), "lora_targets must be a non-empty list"),
+    (dict(lora_targets=["q_proj", "query"]), "lora_targets ['query'] name no linear layer of this model; its linear layers are ['down_proj', "),
+])
+def test_bad_lora_settings_are_refused_when_the_module_is_built(tiny_model_dir, options, message):
+    """Before any data is read or any run starts: not a peft traceback at fit start."""
+    pytest.importorskip("peft")
+    with pytest.raises(MKAError) as err:
+        MKAModule(model=str(tiny_model_dir), trainable="lora", **options)
+    assert message in str(err.value)
+    MKAModule(model=str(tiny_model_dir), trainable="lora", lora_targets=["self_attn.q_proj", "v_proj"])  # dotted tails match, as in peft
+
+
 def test_ddp_fit_merges_and_heals(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
     config = write_config(tmp_path / "fit.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export", merges_per_validation=1)
     text = config.read_text().replace("  calibration_samples: 8\n", "  calibration_samples: 8\n  train_samples: 16\n")

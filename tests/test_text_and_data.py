@@ -134,3 +134,38 @@ def test_training_batches_can_be_smaller_than_calibration_and_evaluation_ones(ti
     assert [len(b["input_ids"]) for b in data.val_dataloader()[0]] == [4]
     with pytest.raises(MKAError, match="also in data.eval_texts"):
         CalibrationDataModule(calibration=str(tiny_corpus), eval_texts=[str(tiny_corpus)])
+
+
+def test_overlapping_sources_are_refused_however_they_are_written(tmp_path, monkeypatch):
+    """Sources are compared by the text they read: a relative and an absolute path, a directory or a glob holding the
+    evaluation file, and a hub dataset with and without its default split are the same text."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (texts / name).write_text("w1 w2 w3\n\nw4 w5 w6\n")
+    monkeypatch.chdir(tmp_path)
+    for calibration, evaluation in (("texts/a.txt", str(texts / "a.txt")), ("./texts/a.txt", "texts/../texts/a.txt"), ("texts", "texts/b.txt"),
+                                    ("texts/*.txt", "texts/c.txt")):
+        with pytest.raises(MKAError, match=r"is also in data.eval_texts \(as .*, the same text\): evaluation must be held out"):
+            CalibrationDataModule(calibration=calibration, eval_texts=[evaluation])
+    with pytest.raises(MKAError, match=r"data.train_text './texts/b.txt' is also in data.eval_texts"):
+        CalibrationDataModule(calibration="texts/a.txt", train_text="./texts/b.txt", eval_texts=["texts/b.txt"])
+    with pytest.raises(MKAError, match=r"data.train_text 'texts/\*.txt' is the calibration source: .* the same text as data.calibration 'texts/a.txt'"):
+        CalibrationDataModule(calibration="texts/a.txt", train_text="texts/*.txt", eval_texts=[])
+    with pytest.raises(MKAError, match="is also in data.eval_texts"):
+        CalibrationDataModule(calibration="hf:org/set@train", eval_texts=["hf:org/set"])
+    with pytest.raises(MKAError, match=r"data.eval_texts lists \['texts/c.txt'\] more than once"):
+        CalibrationDataModule(calibration="texts/a.txt", eval_texts=["texts/c.txt", "texts/c.txt"])
+    # disjoint files, and assets (their calibration and evaluation splits are disjoint), pass
+    CalibrationDataModule(calibration="texts/a.txt", train_text="texts/b.txt", eval_texts=["texts/c.txt"])
+    CalibrationDataModule(calibration="hf:org/set@train", eval_texts=["hf:org/set@test"])
+
+
+def test_a_text_field_that_holds_no_string_is_one_line(tmp_path):
+    from lightning_mka.datamodules.sources import iter_texts
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "w1 w2", "n": 3}\n{"text": "", "n": 4}\n')
+    assert list(iter_texts(str(rows), "calibration")) == ["w1 w2"]  # the empty row is skipped
+    with pytest.raises(MKAError, match=r"data source '.*rows.jsonl' has a int in field 'n', not text; set data.text_field"):
+        list(iter_texts(str(rows), "calibration", text_field="n"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -161,6 +162,17 @@ def tokenize_mmlu(
     return items
 
 
+def text_read_by(source: str | None) -> set:
+    """What a text source reads, for the overlap checks: its resolved files (a directory or glob by its files), a hub
+    dataset's (name, split); nothing for an asset (its roles read disjoint splits) or no source."""
+    if source is None or source in ASSETS:
+        return set()
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition("@")
+        return {("hf", name, split or "train")}
+    return {str(Path(f).resolve()) for f in local_source(source)[0]}
+
+
 class CalibrationDataModule(L.LightningDataModule):
     """Streams calibration text, packs it into fixed-length sequences, and serves held-out evaluation.
 
@@ -226,15 +238,9 @@ class CalibrationDataModule(L.LightningDataModule):
         if mmlu_shots > 5:
             raise MKAError(f"data.mmlu_shots={mmlu_shots} exceeds the 5 calibration questions per topic; use 0-5")
         eval_texts = ["wiki", "lee"] if eval_texts is None else list(eval_texts)
-        if calibration in eval_texts and calibration not in ASSETS:
-            raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts: evaluation must be held out; use different files")
-        # Assets read their calibration split for calibration and training and their evaluation split for evaluation
-        # (disjoint); a file is one text, so it can serve only one of the roles.
-        if train_text is not None and train_text in eval_texts and train_text not in ASSETS:
-            raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts: evaluation must be held out; train on other text")
-        if train_text is not None and train_text == calibration:
-            raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
-                           "leave data.train_text unset (training then reads the text after them)")
+        repeated = sorted({t for t in eval_texts if eval_texts.count(t) > 1})
+        if repeated:
+            raise MKAError(f"data.eval_texts lists {repeated} more than once; list each evaluation text once")
         # A missing or unreadable local source, or an asset in a role it cannot play, fails here, before the trainer
         # writes a log directory.
         roles = [("data.calibration", calibration, "calibration"), ("data.train_text", train_text, "calibration"),
@@ -246,6 +252,18 @@ class CalibrationDataModule(L.LightningDataModule):
                 check_asset_role(source, role, what)
             else:
                 local_source(source)
+        # Assets read their calibration split for calibration and training and their evaluation split for evaluation
+        # (disjoint); a file is one text, so it can serve only one of the roles. Sources are compared by what they
+        # read (files resolved, a directory or glob by its files, a hub dataset by its split), not by how they are written.
+        calibration_reads, train_reads = text_read_by(calibration), text_read_by(train_text)
+        for text in eval_texts:
+            if calibration_reads & text_read_by(text):
+                raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; use different files")
+            if train_reads & text_read_by(text):
+                raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; train on other text")
+        if train_reads & calibration_reads:
+            raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
+                           f"leave data.train_text unset (training then reads the text after them; it reads the same text as data.calibration {calibration!r})")
         self.save_hyperparameters()
         self.tokenizer_source = tokenizer
         self.calibration = calibration
@@ -284,8 +302,20 @@ class CalibrationDataModule(L.LightningDataModule):
                 asset_path(source)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.calibration_ids is not None:
+        if self.calibration_ids is None:
+            self._read()
+        if stage == "fit":
+            self._check_training_text()  # before the dense validation and the merges a fit runs first
+
+    def _check_training_text(self) -> None:
+        if self.train_ids is not None and len(self.train_ids) > 0:
             return
+        if not self.train_samples:
+            raise MKAError("fit needs training text: set data.train_samples > 0 (sequences after the calibration ones)")
+        where = f"data.train_text {self.train_text!r}" if self.train_text is not None else f"calibration source {self.calibration!r} after its {len(self.calibration_ids)} calibration sequences"
+        raise MKAError(f"fit needs training text, but {where} holds no sequence of {self.seq_len} tokens; add text (or lower data.calibration_samples)")
+
+    def _read(self) -> None:
         separate = self.train_text is not None
         total = self.calibration_samples + (0 if separate else self.train_samples)
         packed = pack_sequences(iter_texts(self.calibration, "calibration", self.text_field), self.tokenizer, self.seq_len, total)
@@ -339,8 +369,7 @@ class CalibrationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        if self.train_ids is None or len(self.train_ids) == 0:
-            raise MKAError("fit needs training text: set data.train_samples > 0 (sequences after the calibration ones)")
+        self._check_training_text()
         return self._sequence_loader(self.train_ids, shuffle=True, batch_size=self.train_batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -76,6 +76,13 @@ def local_source(source: str) -> tuple[list[str], str]:
     return files, _BUILDERS[suffixes.pop()]
 
 
+def text_value(value, where: str, field: str) -> str | None:
+    """A row's text: a string, or None for an empty row (skipped); any other type is one line naming the field."""
+    if value is None or isinstance(value, str):
+        return value
+    raise MKAError(f"{where} has a {type(value).__name__} in field {field!r}, not text; set data.text_field to a field that holds strings")
+
+
 def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
     from datasets import load_dataset
 
@@ -84,7 +91,11 @@ def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
     try:
         stream = load_dataset(name, config or None, split=split or "train", streaming=True)
         for row in stream:
-            yield row[text_field]
+            text = text_value(row[text_field], f"hub dataset {name!r}", text_field)
+            if text:
+                yield text
+    except MKAError:
+        raise
     except KeyError:
         raise MKAError(f"hub dataset {name!r} has no field {text_field!r}; set data.text_field") from None
     except Exception as err:  # hub errors come in many types; report them as one line
@@ -115,8 +126,9 @@ def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str
             field = "text" if builder == "text" else text_field
             if field not in row:
                 raise MKAError(f"data source {source!r} has no field {field!r} (fields: {sorted(row)}); set data.text_field")
-            if row[field]:
-                yield row[field]
+            text = text_value(row[field], f"data source {source!r}", field)
+            if text:
+                yield text
     except MKAError:
         raise
     except Exception as err:
