@@ -48,6 +48,12 @@ def resolve_export_path(template: str, model: str, layers: int) -> str:
     return template.format(model=model_name(model), layers=layers)
 
 
+def models_read_by(pl_module) -> tuple[str | None, str | None]:
+    """The model sources a run reads (its model, a teacher): what no export of the run may replace."""
+    hparams = getattr(pl_module, "hparams", {})
+    return hparams.get("model"), hparams.get("teacher")
+
+
 def input_locations(source: str | None) -> set[Path]:
     """Where a model source lives on this machine: a model asset's cache dir (built or not) or an existing local path,
     both as written (absolute) and with symlinks resolved; nothing for a hub id."""
@@ -122,30 +128,39 @@ def temp_prefix(path: Path, kind: str = "tmp") -> str:
     return f".{path.name}.{kind}-pid{os.getpid()}-"
 
 
-def write_json_atomic(path: str | os.PathLike, data, what: str = "JSON file", fix: str = "free space or make the directory writable") -> None:
-    """Write ``data`` to a temp file, flush it to disk, rename it over ``path``: a reader sees the old or the new file,
-    never a part. A failed write (disk full, read-only) is one ``MKAError`` line; the old file stays."""
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Write a text file through ``write(file)`` into a temp file, flush it to disk and rename it over ``path``: a reader
+    sees the old or the new file, never a part. On any failure the temp file is removed and the error propagates."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path.parent, f".{path.name}.tmp-")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise MKAError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); {fix}; the previous file, if any, is unchanged") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data, what: str = "JSON file", fix: str = "free space or make the directory writable") -> None:
+    """``data`` as JSON, written atomically (``write_atomic``). A failed write (disk full, read-only) is one
+    ``MKAError`` line; the old file stays."""
+
+    def write(f) -> None:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+    try:
+        write_atomic(path, write)
+    except OSError as err:
+        raise MKAError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); {fix}; the previous file, if any, is unchanged") from None
 
 
 def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite: bool = False, extra_files: dict | None = None,

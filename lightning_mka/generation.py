@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -77,24 +75,14 @@ def check_output_file(out: Path, flag: str = "--out") -> None:
 
 
 def write_jsonl_atomic(texts: list[str], out: Path) -> None:
-    """Write ``{"text": ...}`` lines to a temporary file next to ``out`` and rename it into place; an OS error (e.g. a
-    full disk) is one line, and nothing is left behind."""
-    tmp = None
+    """Write ``{"text": ...}`` lines atomically (``write_atomic``); an OS error (e.g. a full disk) is one line, and
+    nothing is left behind."""
+    from lightning_mka.export import write_atomic
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
-        os.replace(tmp, out)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise MKAError(f"could not write {str(out)!r} ({err.strerror or err}); free space or choose another path, then rerun") from None
-        raise
+        write_atomic(out, lambda f: f.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts))
+    except OSError as err:
+        raise MKAError(f"could not write {str(out)!r} ({err.strerror or err}); free space or choose another path, then rerun") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,7 @@ def test_a_failed_write_of_the_samples_is_one_line_and_leaves_nothing(tmp_path, 
     def full_disk(*_args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lightning_mka.generation.os.replace", full_disk)
+    monkeypatch.setattr("lightning_mka.export.os.replace", full_disk)  # where write_atomic renames
     with pytest.raises(MKAError, match=r"could not write '.*samples.jsonl' \(No space left on device\); free space"):
         write_jsonl_atomic(["a", "b"], tmp_path / "samples.jsonl")
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_mka.callbacks.merge import MergeCallback
 from lightning_mka.fsdp import is_sharded, save_full_model
-from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, resolve_export_path, write_json_atomic
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, models_read_by, resolve_export_path, write_json_atomic
 from lightning_mka.surgery import num_layers
 
 
@@ -45,10 +45,9 @@ class ExportCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        hparams = getattr(pl_module, "hparams", {})
-        source = str(hparams.get("model") or "model")
+        source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
         self.export_dir = resolve_export_path(self.template, source, exported_depth(trainer, num_layers(pl_module.model)))
-        check_export_dir(self.export_dir, self.overwrite, inputs=(hparams.get("model"), hparams.get("teacher")))
+        check_export_dir(self.export_dir, self.overwrite, inputs=models_read_by(pl_module))
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
         self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
 

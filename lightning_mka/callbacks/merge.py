@@ -20,7 +20,7 @@ from lightning_mka.baselines import STATISTICS_METHODS, angular_distances, check
 from lightning_mka.errors import MKAError
 from lightning_mka.files import PROGRESS_FIX, read_progress
 from lightning_mka.signals import set_phase, set_resume_hint
-from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, resolve_export_path, write_json_atomic
+from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, models_read_by, resolve_export_path, write_json_atomic
 from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
 from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
@@ -388,9 +388,8 @@ class MergeCallback(Callback):
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self._target is None:
             self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
-            hparams = getattr(pl_module, "hparams", {})
-            source = hparams.get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
-            self._resolve_outputs(str(source), self._target, inputs=(hparams.get("model"), hparams.get("teacher")))
+            source = getattr(pl_module, "hparams", {}).get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
+            self._resolve_outputs(str(source), self._target, inputs=models_read_by(pl_module))
             if stage != "validate":
                 # A progress file resumes validate only. In fit, merges chosen after training steps cannot be replayed
                 # on a rerun's fresh weights, so fit neither reads nor writes one: its checkpoints carry the plan.

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_mka.errors import MKAError
 from lightning_mka.execution import executor_of
-from lightning_mka.export import check_export_dir, export_pretrained, write_json_atomic
+from lightning_mka.export import check_export_dir, export_pretrained, models_read_by, write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.signals import clean_stale_temps
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
@@ -122,11 +122,10 @@ class QuantizeCallback(Callback):
         merge = self._merge_callback(trainer)
         if merge is not None and merge._target is None:
             raise MKAError("QuantizeCallback quantizes the MergeCallback's export: put it after the MergeCallback in trainer.callbacks")
-        hparams = getattr(pl_module, "hparams", {})
         for mode in self.modes:  # the merged export's name is known now (MergeCallback.setup resolved it)
             target = self._target(mode, merge.export_dir if merge is not None else None)
             if target is not None:
-                check_export_dir(target, self.overwrite, inputs=(hparams.get("model"), hparams.get("teacher")))
+                check_export_dir(target, self.overwrite, inputs=models_read_by(pl_module))
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -245,21 +245,21 @@ class CalibrationDataModule(L.LightningDataModule):
         # writes a log directory.
         roles = [("data.calibration", calibration, "calibration"), ("data.train_text", train_text, "calibration"),
                  *(("data.eval_texts", text, "evaluation") for text in eval_texts)]
+        reads: dict[str | None, set] = {None: set()}  # what each source reads (text_read_by), for the overlap checks
         for what, source, role in roles:
-            if source is None or source.startswith("hf:"):
+            if source is None:
                 continue
             if source in ASSETS:
                 check_asset_role(source, role, what)
-            else:
-                local_source(source)
+            reads[source] = text_read_by(source)  # a missing local source fails here
         # Assets read their calibration split for calibration and training and their evaluation split for evaluation
         # (disjoint); a file is one text, so it can serve only one of the roles. Sources are compared by what they
         # read (files resolved, a directory or glob by its files, a hub dataset by its split), not by how they are written.
-        calibration_reads, train_reads = text_read_by(calibration), text_read_by(train_text)
+        calibration_reads, train_reads = reads[calibration], reads[train_text]
         for text in eval_texts:
-            if calibration_reads & text_read_by(text):
+            if calibration_reads & reads[text]:
                 raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; use different files")
-            if train_reads & text_read_by(text):
+            if train_reads & reads[text]:
                 raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; train on other text")
         if train_reads & calibration_reads:
             raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
