@@ -128,11 +128,22 @@ def temp_prefix(path: Path, kind: str = "tmp") -> str:
     return f".{path.name}.{kind}-pid{os.getpid()}-"
 
 
+def missing_ancestors(path: Path) -> list[Path]:
+    """The directories above ``path`` that do not exist yet, deepest first."""
+    missing = []
+    parent = path.parent
+    while parent != parent.parent and not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
 def write_atomic(path: str | os.PathLike, write) -> None:
     """Write a text file through ``write(file)`` into a temp file, flush it to disk and rename it over ``path``: a reader
     sees the old or the new file, never a part. On any failure the temp file is removed and the error propagates."""
     path = Path(path)
     tmp = None
+    created = missing_ancestors(path)  # made here, so removed again on failure: a failed write leaves nothing
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path.parent, f".{path.name}.tmp-")
@@ -146,6 +157,11 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        for directory in created:  # deepest first; one that is not empty (another writer's) stays
+            try:
+                directory.rmdir()
+            except OSError:
+                break
         raise
 
 

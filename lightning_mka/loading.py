@@ -116,3 +116,19 @@ def load_model_executed(source: str, dtype: str = "float32", execution: str = "w
         raise load_failed(source, err) from None
     LayerwiseExecutor(model, "disk", index, scratch_dir=offload_dir)
     return model
+
+
+def context_length(config) -> int | None:
+    """The positions a model was trained on (``max_position_embeddings`` of its text config), if it says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(text, "max_position_embeddings", None)
+    return int(length) if isinstance(length, int) and length > 0 else None
+
+
+def check_seq_len(seq_len: int, config) -> None:
+    """Sequences longer than the model's context would calibrate and evaluate on positions it never saw (or fail in
+    its position embeddings): refuse them."""
+    length = context_length(config)
+    if length is not None and seq_len > length:
+        raise MKAError(f"data.seq_len={seq_len} exceeds the model's context of {length} tokens (max_position_embeddings); set data.seq_len <= {length}")
+

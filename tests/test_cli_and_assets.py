@@ -29,6 +29,30 @@ def test_empty_data_file(tmp_path, tiny_model_dir):
     assert not (tmp_path / "exports").exists()
 
 
+def test_a_sequence_longer_than_the_models_context_is_refused(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    # The tiny Llama was trained for 256 positions (max_position_embeddings): 257 tokens would be positions it never saw.
+    from conftest import write_config
+
+    config = write_config(tmp_path / "long.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export", data={"seq_len": 257})
+    proc = cli("validate", "--config", str(config), cwd=tmp_path)
+    assert_one_line_error(proc, "data.seq_len=257 exceeds the model's context of 256 tokens (max_position_embeddings); set data.seq_len <= 256")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "heldout.txt", "long.yaml", "tiny-llama"]
+
+
+def test_context_length_reads_the_text_config():
+    from transformers import Gemma3Config
+
+    from conftest import tiny_config
+    from lightning_mka.loading import check_seq_len, context_length
+
+    assert context_length(tiny_config("llama")) == 256
+    wrapper = Gemma3Config(text_config=tiny_config("gemma3").to_dict())  # a multimodal config: the length is its text config's
+    assert context_length(wrapper) == 256
+    check_seq_len(256, wrapper)
+    with pytest.raises(MKAError, match="exceeds the model's context of 256"):
+        check_seq_len(512, wrapper)
+
+
 def test_unknown_yaml_key_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  modle: smollm2-135m\n")

@@ -119,3 +119,8 @@ def test_a_failed_write_of_the_samples_is_one_line_and_leaves_nothing(tmp_path, 
     with pytest.raises(MKAError, match=r"could not write '.*samples.jsonl' \(No space left on device\); free space"):
         write_jsonl_atomic(["a", "b"], tmp_path / "samples.jsonl")
     assert list(tmp_path.iterdir()) == []
+    # Directories the write created are removed with it; one that existed before stays.
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(MKAError, match="No space left on device"):
+        write_jsonl_atomic(["a"], tmp_path / "kept" / "new" / "deeper" / "samples.jsonl")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_mka.assets import ASSETS, asset_path
 from lightning_mka.datamodules.sources import check_asset_role, iter_texts, local_source
 from lightning_mka.errors import MKAError
+from lightning_mka.loading import check_seq_len
 from lightning_mka.text import (
     LETTERS,
     MMLUQuestion,
@@ -302,6 +303,10 @@ class CalibrationDataModule(L.LightningDataModule):
                 asset_path(source)
 
     def setup(self, stage: str | None = None) -> None:
+        # The first hook of a run (before the callbacks' setup writes anything): sequences must fit the model.
+        model = getattr(getattr(self.trainer, "lightning_module", None), "model", None) if self.trainer is not None else None
+        if model is not None and hasattr(model, "config"):
+            check_seq_len(self.seq_len, model.config)
         if self.calibration_ids is None:
             self._read()
         if stage == "fit":
