@@ -82,9 +82,8 @@ def print_summary(results: dict, out: Path) -> None:
             return f"a={s['alpha']:.2f}" if s.get("alpha") is not None else s.get("operator", "")
 
         lines.append("[mka] plan (original layers merged): " + ", ".join(f"{s['pair_original'][0]}+{s['pair_original'][1]} (S={s['score']:.3f}, {how(s)})" for s in steps))
-    lines.append(
-        f"[mka] compression {results['compression_seconds']} s = {results['compression_vs_one_pass']} x one calibration pass "
-        f"({results['first_pass_seconds']} s); wall {results['seconds']['wall']} s; peak RSS {results['peak_rss_mb']:.0f} MB"
-    )
+    ratio = results["compression_vs_one_pass"]
+    passes = f"= {ratio} x one calibration pass ({results['first_pass_seconds']} s)" if ratio is not None else "(no calibration pass in this run)"
+    lines.append(f"[mka] compression {results['compression_seconds']} s {passes}; wall {results['seconds']['wall']} s; peak RSS {results['peak_rss_mb']:.0f} MB")
     lines.append(f"[mka] wrote {out / 'merge_plan.json'}, {out / 'results.json'}" + (f", export {results['export_dir']}" if results["export_dir"] else ""))
     print("\n".join(lines), flush=True)

@@ -275,3 +275,32 @@ def test_a_failed_save_of_the_float_copy_is_one_line_and_leaves_nothing(quant_mo
         L.Trainer(accelerator="cpu", callbacks=[QuantizeCallback(modes=["int8"])], logger=False, default_root_dir=run_dir,
                   enable_progress_bar=False, enable_model_summary=False).validate(module, datamodule=data)
     assert list(run_dir.iterdir()) == []
+
+
+def test_validate_from_a_compressed_checkpoint_reports_exports_and_quantizes_it(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """``validate --ckpt_path`` of a finished merge-and-heal: nothing is left to merge, yet the run measures, exports and
+    quantizes that model (it used to evaluate it and silently do nothing else)."""
+    def data(**kwargs):
+        return CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=8, seq_len=32,
+                                     batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4, **kwargs)
+
+    L.seed_everything(0)
+    fitted = MKAModule(model=str(quant_model_dir), learning_rate=1e-3)
+    fit = trainer(tmp_path / "fit", [MergeCallback(target_layers=4, num_points=128)], max_epochs=2, num_sanity_val_steps=-1)
+    fit.fit(fitted, datamodule=data(train_samples=8))
+    checkpoint = fit.checkpoint_callback.best_model_path
+    dense = fit.callbacks[0]._before
+
+    module = MKAModule(model=str(quant_model_dir))
+    merge = MergeCallback(target_layers=4, num_points=128, export_dir=str(tmp_path / "export"))
+    trainer(tmp_path, [merge, QuantizeCallback(modes=["int8"])]).validate(module, datamodule=data(), ckpt_path=checkpoint)
+    name = f"{tiny_heldout}_ppl"
+    results = json.loads((tmp_path / "logs" / "version_0" / "results.json").read_text())
+    assert results["layers_after"] == num_layers(module.model) == 4 and len(results["merge_plan"]) == 2
+    assert results["metrics_before"] == dense and results["metrics_after"][name] == module.last_metrics[name]
+    assert results["metrics_before"][name] != results["metrics_after"][name]  # the dense model's, not the restored one's
+    exported = MKAModule(model=str(tmp_path / "export")).model
+    assert num_layers(exported) == 4
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), module.model.state_dict().values()))
+    quantized = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
+    assert name in quantized["int8"]["metrics"] and (tmp_path / "export-int8" / "config.json").exists()

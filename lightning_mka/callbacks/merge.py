@@ -409,10 +409,14 @@ class MergeCallback(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking and not self._full_sanity_check(trainer):
             return
-        if self._before is None:
+        if self._before is None and not pl_module.merge_plan:  # the model as loaded; a restored merged one is not "before"
             self._before = dict(pl_module.last_metrics)
         assert self._target is not None
         if num_layers(pl_module.model) <= self._target:
+            if trainer.state.fn == "validate" and self._plan and not self._finished:
+                # validate --ckpt_path of a compressed checkpoint: nothing is left to merge, but the run still measures,
+                # reports and exports that model (and the quantization and lm-eval callbacks run after it).
+                self._finish(trainer, pl_module, dict(pl_module.last_metrics))
             return
         validating = trainer.state.fn == "validate"
         if not validating and hasattr(pl_module, "fold_adapters"):
