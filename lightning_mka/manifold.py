@@ -47,6 +47,11 @@ class DiffusionMapConfig:
             raise MKAError(f"bandwidth_scale must be > 0, got {self.bandwidth_scale}")
 
 
+# Eigenvalues within this of 1 are trivial (one per connected component); at most NULL_EIGENVALUE, no direction.
+TRIVIAL_EIGENVALUE_GAP = 1e-9
+NULL_EIGENVALUE = 1e-12
+
+
 def squared_distances(points: torch.Tensor) -> torch.Tensor:
     """Pairwise squared Euclidean distances of ``(P, H)`` points, float64, clamped at 0, exact zero diagonal."""
     x = points.double()
@@ -77,11 +82,24 @@ def diffusion_map(points: torch.Tensor, config: DiffusionMapConfig = DiffusionMa
     inv_sqrt = dg.rsqrt()
     sym = inv_sqrt[:, None] * kernel_a * inv_sqrt[None, :]
     sym = 0.5 * (sym + sym.T)  # exact symmetry for eigh
-    eigvals, eigvecs = leading_eigenpairs(sym, config.embedding_dim + 1, config.eigensolver)
-    psi = inv_sqrt[:, None] * eigvecs  # right eigenvectors of the Markov matrix
     d = config.embedding_dim
-    lam = eigvals[1 : d + 1]  # index 0 is the trivial eigenpair (eigenvalue 1, constant psi)
-    embedding = psi[:, 1 : d + 1] * lam.clamp(min=0.0) ** config.diffusion_time
+    # The trivial eigenpairs (eigenvalue 1, psi constant on a connected component) carry no geometry; there is one per
+    # component of the kernel graph, so more than one when a far point's kernel entries underflow (a point alone):
+    # drop them all, else the first coordinate only marks that point.
+    count = d + 1
+    while True:
+        eigvals, eigvecs = leading_eigenpairs(sym, count, config.eigensolver)
+        trivial = max(1, int((eigvals > 1.0 - TRIVIAL_EIGENVALUE_GAP).sum()))
+        if count - trivial >= d or count >= num_points:
+            break
+        count = min(num_points, trivial + d)
+    psi = inv_sqrt[:, None] * eigvecs[:, trivial : trivial + d]  # right eigenvectors of the Markov matrix
+    lam = eigvals[trivial : trivial + d]
+    if lam.shape[0] < d:  # fewer non-trivial pairs than coordinates (every point alone): the rest are constant
+        psi = torch.cat([psi, psi.new_zeros(num_points, d - lam.shape[0])], 1)
+        lam = torch.cat([lam, lam.new_zeros(d - lam.shape[0])])
+    # An eigenvalue at 0 (points that coincide) has an arbitrary eigenvector (a solver's round-off): a constant coordinate.
+    embedding = torch.where(lam > NULL_EIGENVALUE, 1.0, 0.0) * psi * lam.clamp(min=0.0) ** config.diffusion_time
     # eigh's sign is arbitrary; fix it so the same points give the same embedding everywhere.
     signs = torch.sign(embedding[embedding.abs().argmax(0), torch.arange(d)])
     return embedding * torch.where(signs == 0, 1.0, signs), lam

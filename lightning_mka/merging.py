@@ -281,7 +281,8 @@ class LayerMerger:
             install_merged_layer(self.model, l, m, layer)
             executor_of(self.model).spill(decoder_stack(self.model)[1][l])
         else:
-            kept = self._apply(l, m, alpha, operator)
+            # Layer l's cached input is current unless a merge before l came since the last scoring (rescore_every > 1).
+            kept = self._apply(l, m, alpha, operator, self._stale_from is None or l <= self._stale_from)
         self.stats.merge_seconds += time.perf_counter() - tick
         return self._record(l, m, kept, score=score, alpha=alpha, rescored=rescored, nll=nll, operator=operator)
 
@@ -379,9 +380,12 @@ class LayerMerger:
         for l, m in self._ranked(similarity, candidates)[: self.config.verify_top]:
             layers = decoder_stack(self.model)[1]
             originals = (layers[l], layers[m])
-            with executor_of(self.model).materialized(*originals), merged_temporarily(self.model, l, m, None, "parallel_pruned"):
-                kept = self._prune(l, m, originals)
-                layer = decoder_stack(self.model)[1][l]
+            cached_input_ok = self._stale_from is None or l <= self._stale_from
+            with executor_of(self.model).materialized(*originals):
+                targets = self._pair_targets(l, m, cached_input_ok)
+                with merged_temporarily(self.model, l, m, None, "parallel_pruned"):
+                    kept = self._prune(l, m, originals, cached_input_ok, targets)
+                    layer = decoder_stack(self.model)[1][l]
             if best is None or kept["damage"] < best[0]:
                 best = (kept["damage"], l, m, layer, kept)
         assert best is not None
@@ -395,17 +399,20 @@ class LayerMerger:
         originals = (layers[min(l, m)], layers[max(l, m)])
         executor = executor_of(self.model)
         with executor.materialized(*originals):  # surgery reads (and, averaging, writes) real weights
+            targets = self._pair_targets(l, m, cached_input_ok) if operator == "parallel_pruned" else None
             apply_merge(self.model, l, m, operator, alpha)
-            kept = self._prune(l, m, originals, cached_input_ok) if operator == "parallel_pruned" else {}
+            kept = self._prune(l, m, originals, cached_input_ok, targets) if operator == "parallel_pruned" else {}
             executor.spill(decoder_stack(self.model)[1][min(l, m)])  # disk offload: the merged layer goes to disk
         return kept
 
     @torch.no_grad()
-    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module], cached_input_ok: bool = True) -> dict:
+    def _prune(self, l: int, m: int, originals: tuple[nn.Module, nn.Module], cached_input_ok: bool = True,
+               pair_targets: list[torch.Tensor] | None = None) -> dict:
         """Prune the widened layer ``l`` back to the config's width from its inputs on the calibration set.
 
         ``originals``: the two layers it replaced, run in sequence as the refit target when ``refit_target`` is
-        ``original``. Returns the kept units and the merge ``damage`` (``None`` unless refit towards the originals).
+        ``original``; ``pair_targets``: that target per batch, computed before the merge (``_pair_targets``).
+        Returns the kept units and the merge ``damage`` (``None`` unless refit towards the originals).
         """
         base, layers = decoder_stack(self.model)
         layer = layers[l]
@@ -417,6 +424,7 @@ class LayerMerger:
         state: dict = {}
         post_norm = post_mlp_norm(layer)
         target_cache = self._cached_pair_output(l) if cached is not None and m == l + 1 else None
+        target_cache = pair_targets if target_cache is None else target_cache
 
         def run_layer(hooks: list) -> None:
             handles = [register(hook) for register, hook in hooks]
@@ -509,6 +517,51 @@ class LayerMerger:
                 set_norm_scale(post_norm, sums["unit_cross"] / sums["unit_sq"].clamp(min=1e-12))
         return {"kept_kv_groups": groups, "kept_neurons": neurons, "damage": damage}
 
+    def _mixed_layer_types(self, l: int, m: int) -> bool:
+        types = getattr(self.model.config, "layer_types", None)
+        return isinstance(types, (list, tuple)) and len(types) == self.depth and types[l] != types[m]
+
+    @torch.no_grad()
+    def _pair_targets(self, l: int, m: int, cached_input_ok: bool) -> list[torch.Tensor] | None:
+        """The refit target of a pair whose layers have different layer types (Gemma3, Qwen2/3: sliding and full
+        attention), when no cached output gives it: layer ``l`` then layer ``m``, each called with the attention mask
+        and rotary embeddings of its own type, from one pass over the unmerged stack. (Run inside the merged layer's
+        pass, as ``_prune`` does otherwise, both would get layer ``l``'s.) ``None`` when not needed."""
+        cfg = self.config
+        if not (cfg.prune_refit and cfg.refit_target == "original" and self._mixed_layer_types(l, m)):
+            return None
+        inputs = self.collector.inputs
+        cached = cached_input_ok and cfg.cache_inputs and len(inputs) > l and inputs[l]
+        if cached and m == l + 1 and self._cached_pair_output(l) is not None:
+            return None  # the cached output of the pair is the target
+        base, layers = decoder_stack(self.model)
+        targets: list[torch.Tensor] = []
+        first: dict = {}
+
+        def at_first(_module, args, kwargs):
+            first["call"] = (args, kwargs)
+
+        def at_second(_module, args, kwargs):
+            if m == l + 1:
+                return None  # its input is layer l's output
+            first_args, first_kwargs = first["call"]  # the layers between are skipped, as in the merged model
+            h = hidden_of(layers[l](*first_args, **first_kwargs))
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        def after_second(_module, _args, output):
+            targets.append(hidden_of(output))
+            raise _StopForward
+
+        handles = [layers[l].register_forward_pre_hook(at_first, with_kwargs=True),
+                   layers[m].register_forward_pre_hook(at_second, with_kwargs=True),
+                   layers[m].register_forward_hook(after_second)]
+        try:
+            run_through_layer(base, m, self.batches())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return targets
+
     def _cached_pair_output(self, l: int) -> list[torch.Tensor] | None:
         """The cached input of the layer after the pair being merged at ``l`` (its layers ``l`` and ``l + 1`` are
         still separate in the cache): the refit target, when it is what running the original pair would give.
@@ -555,6 +608,9 @@ class LayerMerger:
         if self.similarity is not None or self.plan:
             raise RuntimeError("replay must happen before the first scoring step or merge")
         records = list(records)
+        refusal = replay_refusal(self.config, records) if apply else None
+        if refusal is not None:
+            raise MKAError(refusal)
         if not apply:  # the model already lost one layer per recorded merge
             self.origins = [[i] for i in range(len(self.origins) + len(records))]
         for record in records:
@@ -578,6 +634,18 @@ class LayerMerger:
         while self.depth > target_depth and (max_steps is None or len(steps) < max_steps):
             steps.append(self.step())
         return steps
+
+
+def replay_refusal(config: MergeConfig, records: list[dict]) -> str | None:
+    """Why re-applying recorded merges on fresh weights would not give the recorded weights, or None when it would.
+
+    ``rescore_scope: merged`` refits every pruned merge after the first towards the dense model's cached states; a
+    rerun's pass gives the current model's instead, so the same pairs would get other weights."""
+    refits = [r for r in records if r.get("operator") == "parallel_pruned"]
+    if config.rescore_scope == "merged" and config.prune_refit and len(records) > 1 and refits:
+        return ("cannot resume: parallel_pruned refits under rescore_scope: merged read the dense model's states of the interrupted run, "
+                "which a rerun does not have (the weights would differ); set resume: false, or delete the progress file, to start over")
+    return None
 
 
 def replay_plan(model: nn.Module, plan: Iterable[dict]) -> None:

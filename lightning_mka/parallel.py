@@ -246,7 +246,7 @@ def contribution_importance(weight: torch.Tensor, gram: torch.Tensor, groups: in
 
 def top_units(scores: torch.Tensor, count: int) -> list[int]:
     """Indices of the ``count`` largest scores, in ascending index order (the order the kept units keep)."""
-    return sorted(scores.argsort(descending=True)[:count].tolist())
+    return sorted(scores.argsort(descending=True, stable=True)[:count].tolist())
 
 
 def solve_refit(gram_kk: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -40,6 +40,8 @@ def binned_labels(embedding: torch.Tensor, bins: int) -> torch.Tensor:
     num_points, dim = embedding.shape
     ranks = torch.argsort(torch.argsort(embedding, dim=0, stable=True), dim=0, stable=True)
     cells = (ranks * bins) // num_points  # (P, d) in [0, bins)
+    constant = embedding.amax(0) == embedding.amin(0)
+    cells[:, constant] = 0  # a coordinate with one value is one cell (not cut by point index)
     weights = bins ** torch.arange(dim, dtype=torch.long)
     return (cells.long() * weights).sum(1)
 

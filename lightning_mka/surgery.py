@@ -54,11 +54,13 @@ def _reindex(layers: nn.ModuleList) -> None:
 
 
 def per_layer_config_keys(config, depth: int) -> list[str]:
-    """Config attributes holding one entry per decoder layer: ``layer_types`` and any other list of length ``depth``."""
+    """Config attributes holding one entry per decoder layer: ``layer_types`` and any other list of length ``depth``,
+    except lists of tokens or names that may happen to have that length (``eos_token_id: [a, b, c]`` at 3 layers)."""
     return [
         key
         for key, value in vars(config).items()
-        if isinstance(value, (list, tuple)) and len(value) == depth and key != "architectures" and not key.startswith("_")
+        if isinstance(value, (list, tuple)) and len(value) == depth and not key.startswith("_")
+        and key != "architectures" and "token" not in key and not key.endswith("_ids")
     ]
 
 

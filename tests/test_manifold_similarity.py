@@ -158,3 +158,34 @@ def test_lanczos_gives_the_same_embedding_as_the_full_eigh(dim):
     assert torch.equal(auto[0], lanczos[0])  # 400 points >= LANCZOS_MIN_POINTS: auto takes Lanczos
     with pytest.raises(MKAError, match="unknown eigensolver 'qr'"):
         DiffusionMapConfig(eigensolver="qr")
+
+
+@pytest.mark.parametrize("eigensolver", ["eigh", "lanczos"])
+def test_a_far_point_does_not_become_the_embedding(eigensolver):
+    """A point far from the rest (a massive activation) has kernel entries that underflow: the graph splits and eigenvalue 1
+    appears twice. Both trivial eigenpairs are dropped, so the coordinates still describe the other points' geometry."""
+    config = SimilarityConfig(diffusion=DiffusionMapConfig(eigensolver=eigensolver))
+    a = circle(300, noise=0.05, seed=0)[0].float()
+    b = a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    clean = pair_score(layer_feature(a, config), layer_feature(b, config), config)
+    a[5] *= 100
+    b[5] *= 100
+    embedding, eigenvalues = diffusion_map(a.double(), config.diffusion)
+    assert (eigenvalues < 1 - 1e-6).all()  # no trivial pair among the coordinates
+    others = torch.cat([embedding[:5], embedding[6:]])
+    assert (others.amax(0) - others.amin(0) > 1e-3).all()  # each coordinate varies over the other 299 points
+    assert pair_score(layer_feature(a, config), layer_feature(b, config), config) == pytest.approx(clean, abs=0.03)
+
+
+@pytest.mark.parametrize("eigensolver", ["eigh", "lanczos"])
+def test_constant_layers_are_one_cell_and_score_deterministically(eigensolver):
+    # Coinciding points have no geometry: the embedding is constant (not a solver's round-off ranked by point index),
+    # two such layers are identical (score 1) and one carries no information about a layer with structure (score 0).
+    config = SimilarityConfig(diffusion=DiffusionMapConfig(eigensolver=eigensolver))
+    constant = torch.ones(300, 16)
+    embedding, _ = diffusion_map(constant.double(), config.diffusion)
+    assert (embedding == 0).all()
+    assert binned_labels(embedding, 4).unique().numel() == 1
+    feature = layer_feature(constant, config)
+    assert pair_score(feature, layer_feature(constant.clone(), config), config) == 1.0
+    assert pair_score(feature, layer_feature(circle(300, seed=2)[0].float(), config), config) == 0.0

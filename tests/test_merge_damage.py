@@ -187,3 +187,72 @@ def test_a_merge_without_scoring_prunes_from_current_inputs():
     with torch.no_grad():
         torch.testing.assert_close(merger.model(ids).logits, reference(ids).logits)
     assert len(merger.collector.points) == merger.depth  # the stale points follow the indices until the next pass
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+def test_a_pair_of_two_layer_types_is_refit_to_each_layers_own_attention(kind):
+    """A sliding-window layer merged with a full-attention one (Gemma3, Qwen3): without a cached pair output the refit
+    target runs each original with the mask (and rotary embeddings) of its own type. It must equal the cached output
+    of the dense pass, and a resumed run (replay on fresh weights) must come out bit-identical."""
+    mixed = {"qwen3": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"] * 3}}.get(kind, {})
+    model = tiny_model(kind, layers=6, initializer_range=0.1, **mixed)
+    types = model.config.layer_types
+    l = next(i for i in range(1, 4) if types[i] != types[i + 1])  # a mixed pair off the protected ends
+    results = []
+    for fresh in (True, False):
+        merger = merger_for(copy.deepcopy(model))
+        merger.collector.run(merger.batches())
+        merger._stale_from = None if fresh else 0
+        assert (merger._cached_pair_output(l) is not None) == fresh
+        kept = merger._apply(l, l + 1, None, "parallel_pruned")
+        results.append((kept, decoder_stack(merger.model)[1][l].mlp.down_proj.weight.clone()))
+    assert results[0][0]["kept_neurons"] == results[1][0]["kept_neurons"]
+    assert results[0][0]["damage"] == pytest.approx(results[1][0]["damage"], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+    merged = merger_for(copy.deepcopy(model))
+    merged.similarity = merged.rescore().clone().fill_(0.1).fill_diagonal_(1.0)
+    merged.similarity[l, l + 1] = merged.similarity[l + 1, l] = 0.9
+    assert merged.step().pair == (l, l + 1)
+    resumed = merger_for(copy.deepcopy(model))
+    resumed.replay([s.to_json() for s in merged.plan])  # raised "pruned differently than recorded" before
+    for a, b in zip(merged.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_merges_between_scorings_prune_from_current_inputs_and_replay():
+    """``rescore_every: 2``: the second merge is chosen from the old scores, but a merge before its pair changed that
+    pair's input since: it prunes from a fresh pass (as a new merger on the same weights would), and the plan replays."""
+    model = tiny_model("llama", layers=7, initializer_range=0.1)
+    merger = merger_for(copy.deepcopy(model), rescore_every=2)
+    similarity = merger.rescore().clone().fill_(0.1).fill_diagonal_(1.0)
+    similarity[1, 2] = similarity[2, 1] = 0.9  # first (1, 2), then the original (4, 5): (3, 4) after the first merge
+    similarity[4, 5] = similarity[5, 4] = 0.8
+    merger.similarity = similarity
+    assert merger.step().pair == (1, 2)
+    between = copy.deepcopy(merger.model)
+    second = merger.step()
+    assert second.pair == (3, 4) and not second.rescored
+    reference = merger_for(between)
+    expected = reference.merge(3, 4)
+    assert (second.kept_neurons, second.kept_kv_groups) == (expected.kept_neurons, expected.kept_kv_groups)
+    ids = torch.randint(4, 120, (2, 12))
+    resumed = merger_for(copy.deepcopy(model), rescore_every=2)
+    resumed.replay([s.to_json() for s in merger.plan])  # raised "pruned differently than recorded" before
+    with torch.no_grad():
+        torch.testing.assert_close(merger.model(ids).logits, reference.model(ids).logits)
+        torch.testing.assert_close(resumed.model(ids).logits, merger.model(ids).logits)
+
+
+def test_a_run_that_refits_to_the_dense_states_is_not_resumed_into_other_weights():
+    """``rescore_scope: merged`` refits each pruned merge to the dense model's cached states, which a rerun does not
+    have: replaying its plan on fresh weights gave other weights without a word. It is refused; one merge replays."""
+    model = tiny_model("llama", layers=6, initializer_range=0.1)
+    merger = merger_for(copy.deepcopy(model), rescore_scope="merged")
+    merger.merge_to(4)
+    plan = [s.to_json() for s in merger.plan]
+    with pytest.raises(MKAError, match="cannot resume: parallel_pruned refits under rescore_scope: merged"):
+        merger_for(copy.deepcopy(model), rescore_scope="merged").replay(plan)
+    single = merger_for(copy.deepcopy(model), rescore_scope="merged")
+    single.replay(plan[:1])
+    merger_for(copy.deepcopy(model)).replay(plan)  # the default scope replays the same records

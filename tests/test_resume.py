@@ -62,3 +62,15 @@ def test_progress_from_another_configuration_is_refused(tmp_path, tiny_model_dir
     proc = run(other, tmp_path)
     assert proc.returncode == 2
     assert "was written by a different configuration; delete it, or set resume: false" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_that_cannot_be_replayed_is_refused_at_setup(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    # rescore_scope: merged refits to the dense states of the killed run: a rerun would give other weights, so it says so
+    # before the dense validation instead of resuming.
+    options = {"merge_operator": "parallel_pruned", "rescore_scope": "merged"}
+    config = write_config(tmp_path / "b.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export", **options)
+    assert run(config, tmp_path, kill_after=2).returncode == -signal.SIGKILL
+    proc = run(config, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot resume: parallel_pruned refits under rescore_scope: merged" in proc.stderr.strip().splitlines()[-1]
+    assert "validation" not in proc.stderr.lower() and not (tmp_path / "export").exists()

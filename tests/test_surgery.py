@@ -77,3 +77,14 @@ def test_merge_argument_errors():
         merge_layers(model, 1, 9, 0.5)
     with pytest.raises(MKAError, match="with itself"):
         merge_layers(model, 1, 1, 0.5)
+
+
+def test_a_token_list_as_long_as_the_stack_is_not_sliced_with_the_layers():
+    # Llama-3 style eos_token_id lists: at 3 layers, [2, 7, 9] looks per-layer but is not; layer_types is.
+    model = tiny_model("gemma3", layers=3, eos_token_id=[2, 7, 9])
+    types = list(model.config.layer_types)
+    merge_layers(model, 0, 1, alpha=0.5)
+    assert model.config.eos_token_id == [2, 7, 9]
+    assert model.config.layer_types == [types[0], types[2]] and model.config.num_hidden_layers == 2
+    drop_layers(model, [1])
+    assert model.config.eos_token_id == [2, 7, 9] and model.config.layer_types == [types[0]]

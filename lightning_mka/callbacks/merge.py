@@ -23,7 +23,7 @@ from lightning_mka.signals import set_phase, set_resume_hint
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, models_read_by, resolve_export_path, write_json_atomic
 from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
-from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather
+from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather, replay_refusal
 from lightning_mka.module import rebuild_for_training
 from lightning_mka.planning import resolve_target
 from lightning_mka.progress import track
@@ -272,6 +272,9 @@ class MergeCallback(Callback):
             raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (its first merge leaves {steps[0]['depth_after']} layers of a {depth}-layer model); {PROGRESS_FIX}")
         if steps and steps[-1]["depth_after"] < (self._target or 1):
             raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (it merges below the target of {self._target} layers); {PROGRESS_FIX}")
+        refusal = replay_refusal(self.config, steps)
+        if refusal is not None:
+            raise MKAError(f"progress file {str(self.progress_file)!r}: {refusal}")
         self._resume_steps = steps
         set_resume_hint(progress_file=self.progress_file, merges=len(steps))
 
