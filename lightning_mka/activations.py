@@ -316,6 +316,11 @@ class LayerPointCollector:
         if start == 0:
             self.point_ids = torch.cat(ids_all) if ids_all else torch.empty(0, dtype=torch.long)
 
+    def release(self) -> None:
+        """Free every layer's points and cached inputs; the next pass must start at layer 0."""
+        self.points = []
+        self.inputs = []
+
     def forget_layer(self, index: int) -> None:
         """Drop the state of a deleted layer so indices follow the new ``ModuleList``."""
         del self.points[index]

@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,10 +176,14 @@ def load_skeleton(directory: str, dtype: torch.dtype) -> tuple[nn.Module, Safete
     """The causal LM of ``directory`` with every parameter on ``meta``, and the index of its safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers import GenerationConfig
+
     index = SafetensorsIndex.of_directory(directory)
     config = AutoConfig.from_pretrained(directory)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (Path(directory) / "generation_config.json").exists():  # from_config knows only the config's defaults
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     model.eval()
     return model, index
 
@@ -262,11 +267,19 @@ class _Unit:
         return None  # a deep copy of a layer (surgery builds merged layers that way) is a new module, adopted anew
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
+        # Weak: the module holds its unit (and its hooks hold it too), so a strong reference back would be a cycle that
+        # keeps a layer removed by a merge, weights and open spill files included, alive until a full collection.
+        self._module = weakref.ref(module)
         self.disk: dict[tuple[nn.Module, str], tuple[SafetensorsIndex, str, nn.Parameter]] | None = None  # -> (index, key, meta param)
         self.saved: dict[tuple[nn.Module, str], nn.Parameter] | None = None  # at-rest params while onloaded
         self.pins = 0
         self.hold = False  # stays onloaded across forwards (layer-major passes)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        assert module is not None, "a unit outlived its module"
+        return module
 
     def params(self) -> list[tuple[nn.Module, str]]:
         return [(owner, name) for owner in self.module.modules() for name, p in owner._parameters.items() if p is not None]
@@ -292,8 +305,8 @@ class LayerwiseExecutor(WholeExecutor):
         model: the causal LM; with ``offload: disk`` built by ``load_skeleton`` (parameters on ``meta``).
         offload: ``cpu`` | ``disk``.
         index: the safetensors the meta parameters are read from (``disk``).
-        scratch_dir: where spilled (merged) layers are written (``disk``); default: a temporary directory removed
-            when the executor is collected.
+        scratch_dir: where spilled (merged) layers are written (``disk``); default: a temporary directory. Either
+            way the run's own scratch directory in it is removed when the executor is collected or the process exits.
     """
 
     layerwise = True
@@ -474,6 +487,9 @@ class LayerwiseExecutor(WholeExecutor):
             # the next one removes its merged layers (a 70B layer is 1.7 GB) instead of leaving them forever.
             clean_stale_temps(root, SCRATCH_PREFIX)
             self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}pid{os.getpid()}-", dir=root)
+            # Removed when the executor is collected or, at the latest, when the interpreter exits (the executor and
+            # its model refer to each other, so collection may never come before the exit).
+            self._remove_scratch = weakref.finalize(self, shutil.rmtree, self._scratch, True)
         self._spilled += 1
         path = Path(self._scratch) / f"layer-{self._spilled:04d}.safetensors"
         keys = [f"{i}.{n}" for i, (_o, n) in enumerate(params)]
@@ -538,9 +554,11 @@ class LayerwiseExecutor(WholeExecutor):
     def __deepcopy__(self, memo) -> LayerwiseExecutor:
         return self
 
-    def __del__(self) -> None:  # noqa: D105
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+    def close(self) -> None:
+        """Remove the scratch directory of spilled layers now (the model must not read them any more)."""
+        finalizer = getattr(self, "_remove_scratch", None)
+        if finalizer is not None:
+            finalizer()
 
 
 def _unit_of(module: nn.Module) -> _Unit | None:

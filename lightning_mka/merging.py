@@ -331,7 +331,9 @@ class LayerMerger:
         return record
 
     def invalidate(self) -> None:
-        """Forget cached points, inputs and scores: the weights changed (e.g. fine-tuning between merges)."""
+        """Forget cached points, inputs and scores: the weights changed (e.g. fine-tuning between merges). Their memory
+        is freed (the cached inputs are a layer's activations over all calibration tokens, per layer)."""
+        self.collector.release()
         self.similarity = None
         self._features = []
         self._stale_from = 0

@@ -418,6 +418,11 @@ class MKAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning loads the module's state_dict before callbacks are restored: replay the merges first so the
         # strict load finds the same structure.
+        executor = executor_of(self.model)
+        if getattr(executor, "offload", None) == "disk":
+            # Its parameters are meta placeholders: a state_dict load writes nothing into them (torch only warns).
+            raise MKAError("a checkpoint cannot be loaded into weights offloaded to disk (execution: layerwise, offload: disk); "
+                           "load it with offload: cpu (or execution: whole) and export it, then run layerwise from the export")
         plan = checkpoint.get("mka_merge_plan", [])
         if plan and not self.merge_plan:
             fold_lora(self.model)

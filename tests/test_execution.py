@@ -279,3 +279,74 @@ def test_smollm2_layerwise_disk_equals_whole(tmp_path, smollm2_dir):
     whole = load_model("smollm2-135m")
     choices = [[9], [10, 11]]
     assert torch.equal(continuation_logprobs(model, reference, choices), continuation_logprobs(whole, reference, choices))
+
+
+def test_disk_offload_export_keeps_the_generation_config(tmp_path):
+    from transformers import GenerationConfig
+
+    source = model_dir(tmp_path, "llama", layers=4)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[2, 7], bos_token_id=1, pad_token_id=0).save_pretrained(source)
+    model = load_model_executed(str(source), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
+    executor_of(model).save_pretrained(tmp_path / "export")
+    kept = GenerationConfig.from_pretrained(tmp_path / "export")
+    assert (kept.do_sample, kept.temperature, kept.top_p, kept.eos_token_id) == (True, 0.6, 0.9, [2, 7])
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_layers_removed_by_merges_are_freed_at_once(tmp_path, offload):
+    """A layer's unit refers to it weakly: a merged-away layer (and a tentative one) goes with its last reference, its
+    weights and spill files with it, not at some later full garbage collection."""
+    import gc
+    import weakref
+
+    model = load_model_executed(str(model_dir(tmp_path, "llama", layers=6)), execution="layerwise", offload=offload, offload_dir=str(tmp_path / "scratch"))
+    batches = [{"input_ids": torch.randint(4, 120, (4, 24)), "attention_mask": torch.ones(4, 24, dtype=torch.long), "index": torch.arange(4) + 4 * b} for b in range(2)]
+    config = MergeConfig(points=PointSpec(num_points=64), merge_operator="parallel_pruned", selection="damage", verify_top=2)
+    merger = LayerMerger(model, config, lambda: batches, torch.full((8,), 24))
+    originals = [weakref.ref(layer) for layer in decoder_stack(model)[1]]
+    gc.disable()
+    try:
+        merger.merge_to(3)
+        kept = {id(layer) for layer in decoder_stack(model)[1]}
+        alive = [ref() for ref in originals if ref() is not None and id(ref()) not in kept]
+        assert alive == []
+    finally:
+        gc.enable()
+
+
+def test_disk_offload_scratch_is_removed_when_the_process_exits(tmp_path):
+    import subprocess
+    import sys
+
+    source = model_dir(tmp_path, "llama", layers=4)
+    script = f"""
+import torch
+from lightning_mka.execution import executor_of
+from lightning_mka.loading import load_model_executed
+from lightning_mka.surgery import decoder_stack
+model = load_model_executed({str(source)!r}, execution="layerwise", offload="disk", offload_dir={str(tmp_path / "scratch")!r})
+layer = decoder_stack(model)[1][1]
+executor = executor_of(model)
+with executor.materialized(layer):
+    executor.spill(layer)
+print(len(list(__import__("pathlib").Path({str(tmp_path / "scratch")!r}).rglob("*.safetensors"))))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "1"  # the spill existed while the process ran
+    assert list((tmp_path / "scratch").iterdir()) == []  # and its directory is gone after a normal exit
+
+
+def test_a_checkpoint_into_disk_offloaded_weights_is_refused(tmp_path):
+    module = MKAModule(model=str(model_dir(tmp_path, "llama", layers=4)), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
+    with pytest.raises(MKAError, match="a checkpoint cannot be loaded into weights offloaded to disk"):
+        module.on_load_checkpoint({"state_dict": {}, "mka_merge_plan": []})
+
+
+def test_lm_eval_under_disk_offload_is_refused_at_setup(tmp_path):
+    from lightning_mka.callbacks import LMEvalCallback
+
+    module = MKAModule(model=str(model_dir(tmp_path, "llama", layers=4)), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(MKAError, match="LMEvalCallback under offload: disk"):
+        LMEvalCallback().setup(trainer, module, "validate")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
+from lightning_mka.execution import executor_of
 from lightning_mka.export import write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.harness import LOCAL_MMLU, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
@@ -64,6 +65,9 @@ class LMEvalCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.refuse_under_sharding(trainer.strategy, pl_module)
+        if getattr(executor_of(pl_module.model), "offload", None) == "disk":
+            raise MKAError("LMEvalCallback under offload: disk: lm-eval runs the model as one module on one device, and its weights are on disk; "
+                           "run lm-eval on the export in its own run (offload: cpu or execution: whole)")
         merge = self._merge_callback(trainer)
         if merge is not None and trainer.callbacks.index(merge) > trainer.callbacks.index(self):
             raise MKAError("LMEvalCallback measures the model after the MergeCallback's merges: put it after the MergeCallback in trainer.callbacks")

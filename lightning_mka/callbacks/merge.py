@@ -430,6 +430,8 @@ class MergeCallback(Callback):
             else:
                 self._drop(trainer, pl_module)
         pl_module.merge_plan = list(self._plan)
+        if self._merger is not None and (not validating or num_layers(pl_module.model) <= self._target):
+            self._merger.invalidate()  # training follows or the merges are done: free the cached activations now
         if validating:
             after = pl_module.evaluate(trainer.val_dataloaders, desc="evaluation of the compressed model")
             if trainer.logger is not None:
