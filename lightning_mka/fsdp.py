@@ -18,6 +18,8 @@ directory atomically from rank 0.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
@@ -90,6 +92,42 @@ class MKAFSDPStrategy(FSDPStrategy):
         if self.root_device.type != "cpu" or self._state_dict_type != "full":
             return super().lightning_module_state_dict()
         return _gathered_state_dict(self.model, offload_to_cpu=False)
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        # The optimizer state is gathered like the weights: on CPU, offloading aliases freed storage (#21804), and a
+        # checkpoint's Adam exp_avg came out as a copy of exp_avg_sq.
+        with _full_state_without_cpu_offload(self.root_device.type == "cpu"):
+            return super().optimizer_state(optimizer)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        with _full_state_without_cpu_offload(self.root_device.type == "cpu"):
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+@contextmanager
+def _full_state_without_cpu_offload(active: bool) -> Iterator[None]:
+    """Lightning's full-state-dict context for weights and optimizer state, without ``offload_to_cpu`` (on CPU it is
+    a no-op whose copies alias storage FSDP frees); Lightning's own helper is swapped for the duration of the call."""
+    if not active:
+        yield
+        return
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    def context(module: nn.Module, world_size: int, rank0_only: bool = True):
+        return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+    original = lightning_fsdp._get_full_state_dict_context
+    lightning_fsdp._get_full_state_dict_context = context
+    try:
+        yield
+    finally:
+        lightning_fsdp._get_full_state_dict_context = original
 
 
 def fsdp_strategy(model: nn.Module, cpu_offload: bool = False, activation_checkpointing: bool = False, **kwargs: Any) -> MKAFSDPStrategy:

@@ -141,3 +141,26 @@ def test_refusals_under_fsdp_without_processes(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     with pytest.raises(MKAError, match="QuantizeCallback under FSDP"):
         QuantizeCallback(modes=["int8"]).refuse_under_sharding(strategy, module)
+
+
+def test_fsdp_resumed_from_a_checkpoint_ends_like_an_uninterrupted_fit(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Two CPU ranks: one epoch, then ``ckpt_path`` to two, gives the two-epoch fit's weights bit for bit. On CPU the
+    optimizer state was gathered with offload_to_cpu, which aliases freed storage: the checkpoint's Adam exp_avg was a
+    copy of exp_avg_sq, and the resumed fit drifted."""
+    runner = Path(__file__).with_name("fsdp_resume_run.py")
+
+    def fit(out, epochs, checkpoint=None):
+        args = [str(tiny_model_dir), str(tiny_corpus), str(tiny_heldout), str(out), str(epochs), *([str(checkpoint)] if checkpoint else [])]
+        proc = subprocess.run([sys.executable, str(runner), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return load_file(out / "export" / "model.safetensors")
+
+    straight = fit(tmp_path / "straight", 2)
+    fit(tmp_path / "resumed", 1)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    moments = list(saved["optimizer_states"][0]["state"].values())
+    assert moments and not any(torch.equal(s["exp_avg"], s["exp_avg_sq"]) for s in moments)
+    resumed = fit(tmp_path / "resumed", 2, tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    dense = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(straight[k], dense[k]) for k in dense)  # training moved the weights
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
