@@ -582,23 +582,39 @@ class LayerMerger:
 
     @torch.no_grad()
     def _slice_nll(self, start: int) -> float:
-        """Mean next-token NLL of the model on the first ``verify_batches`` calibration batches, running only the
-        layers from ``start`` on (their input is cached and unchanged by a merge at ``start``)."""
+        """Mean next-token NLL of the model on the first ``verify_batches`` batches' worth of calibration sequences,
+        running only the layers from ``start`` on (their input is cached and unchanged by a merge at ``start``).
+
+        The sequences are chosen by global index (the first ``verify_batches x batch size``), wherever they are: under
+        DDP each rank scores the ones it holds and the per-sequence sums are added over the ranks, so every world size
+        scores the same sequences (each rank's own first batches would be other sequences, and another plan).
+        """
         base, _ = decoder_stack(self.model)
         executor_of(self.model).sync()
         device = compute_device(self.model)
-        total = torch.zeros(2, dtype=torch.float64)
+        per_sequence: torch.Tensor | None = None  # (limit, 2): NLL sum and token count of each chosen sequence
         state = {"batch": 0}
-        with suffix_only(base, start, lambda: self.collector.inputs[start][state["batch"]]):
+        with suffix_only(base, start, lambda: self.collector.inputs[start][state["batch"]][state["rows"]]):
             for b, batch in enumerate(self.batches()):
                 if b >= self.config.verify_batches:
-                    break
-                state["batch"] = b
+                    break  # a rank's later batches hold only later sequences (shards interleave)
+                if per_sequence is None:
+                    limit = self.config.verify_batches * batch["input_ids"].shape[0]
+                    per_sequence = torch.zeros(limit, 2, dtype=torch.float64)
+                rows = (batch["index"] < per_sequence.shape[0]).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                state.update(batch=b, rows=rows)
+                chosen = {k: v[rows] for k, v in batch.items()}
+                cached = self.collector.inputs[start][b][rows] if start > 0 else None
                 # from layer start on: the cached input replaces the embeddings (the whole model: its head gives logits)
-                logits = call_body(self.model, batch, device, self.collector.inputs[start][b] if start > 0 else None).logits
-                nll_sum, count, _ = shifted_token_nll(logits, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                total += torch.tensor([float(nll_sum), float(count)], dtype=torch.float64)
-        total = self.reduce(total)
+                logits = call_body(self.model, chosen, device, cached).logits
+                ids, mask = chosen["input_ids"].to(device), chosen["attention_mask"].to(device)
+                for i, index in enumerate(chosen["index"].tolist()):
+                    nll_sum, count, _ = shifted_token_nll(logits[i : i + 1], ids[i : i + 1], mask[i : i + 1])
+                    per_sequence[index] = torch.tensor([float(nll_sum), float(count)], dtype=torch.float64)
+        assert per_sequence is not None, "no calibration batch"
+        total = self.reduce(per_sequence).sum(0)  # each sequence is nonzero on one rank: the sum over ranks is exact
         return float(total[0] / total[1])
 
     def replay(self, records: Iterable[dict], apply: bool = True) -> None:

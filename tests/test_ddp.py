@@ -5,13 +5,17 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import write_config
 
 
-def test_ddp_two_processes_equal_single_process(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+@pytest.mark.parametrize("merge", [{}, {"selection": "verify", "verify_top": 3}], ids=["default", "verify"])
+def test_ddp_two_processes_equal_single_process(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout, merge):
+    # selection: verify scores tentative merges on the first calibration sequences by global index: each rank's own
+    # first batch would be other sequences (shards interleave), and gave another plan.
     digests, plans = {}, {}
     for name, extra in [("single", []), ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"])]:
-        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / f"export-{name}")
+        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / f"export-{name}", **merge)
         proc = subprocess.run([sys.executable, "-m", "lightning_mka.cli", "validate", "--config", str(config), *extra],
                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
