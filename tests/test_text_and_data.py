@@ -169,3 +169,22 @@ def test_a_text_field_that_holds_no_string_is_one_line(tmp_path):
     assert list(iter_texts(str(rows), "calibration")) == ["w1 w2"]  # the empty row is skipped
     with pytest.raises(MKAError, match=r"data source '.*rows.jsonl' has a int in field 'n', not text; set data.text_field"):
         list(iter_texts(str(rows), "calibration", text_field="n"))
+
+
+def test_items_left_out_by_a_world_size_are_reported_once(tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Every rank takes the same number of items, so 5 calibration sequences on 2 ranks use 4: said once, by name."""
+    import types
+    import warnings
+
+    from lightning_mka.datamodules import CalibrationDataModule
+
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=5, seq_len=32,
+                                 eval_texts=[str(tiny_heldout)], eval_samples=4)
+    data.trainer = types.SimpleNamespace(world_size=2, global_rank=0, _accelerator_connector=types.SimpleNamespace(use_distributed_sampler=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(data.calibration_dataloader().dataset) == 2
+        data.calibration_dataloader()
+        data.val_dataloader()  # 4 evaluation sequences divide by 2: nothing to say
+    said = [str(w.message) for w in caught if "not used on" in str(w.message)]
+    assert said == ["calibration sequences: 1 of 5 items are not used on 2 ranks (each rank takes 2); use a multiple of 2 to use them all"]

@@ -361,8 +361,18 @@ class CalibrationDataModule(L.LightningDataModule):
             raise MKAError("CalibrationDataModule shards data across ranks itself; set trainer.use_distributed_sampler: false")
         return trainer.global_rank, trainer.world_size
 
-    def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+    def _warn_remainder(self, what: str, count: int, world: int) -> None:
+        """Every rank takes the same number of items: say once what a world size that does not divide them leaves out."""
+        left = count % world
+        warned = self.__dict__.setdefault("_remainders_warned", set())
+        if left and what not in warned:
+            warned.add(what)
+            rank_zero_warn(f"{what}: {left} of {count} items are not used on {world} ranks (each rank takes {count // world}); "
+                           f"use a multiple of {world} to use them all")
+
+    def _sequence_loader(self, ids: torch.Tensor, shuffle: bool = False, batch_size: int | None = None, what: str = "sequences") -> DataLoader:
         rank, world = self._rank_world()
+        self._warn_remainder(what, len(ids), world)
         dataset = SequenceDataset(ids, shard_indices(len(ids), rank, world))
         sampler = EpochShuffleSampler(len(dataset), seed=rank) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler)
@@ -370,18 +380,19 @@ class CalibrationDataModule(L.LightningDataModule):
     def calibration_dataloader(self) -> DataLoader:
         self.setup()
         assert self.calibration_ids is not None
-        return self._sequence_loader(self.calibration_ids)
+        return self._sequence_loader(self.calibration_ids, what="calibration sequences")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         self._check_training_text()
-        return self._sequence_loader(self.train_ids, shuffle=True, batch_size=self.train_batch_size)
+        return self._sequence_loader(self.train_ids, shuffle=True, batch_size=self.train_batch_size, what="training sequences")
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
-        loaders = [self._sequence_loader(self.eval_ids[name]) for name in self.eval_texts]
+        loaders = [self._sequence_loader(self.eval_ids[name], what=f"evaluation sequences of {name}") for name in self.eval_texts]
         if self.mmlu_items:
             rank, world = self._rank_world()
+            self._warn_remainder("MMLU questions", len(self.mmlu_items), world)
             items = [self.mmlu_items[i] for i in shard_indices(len(self.mmlu_items), rank, world)]
             loaders.append(DataLoader(MMLUDataset(items), batch_size=1, collate_fn=_collate_items))
         return loaders
