@@ -286,13 +286,20 @@ class _Unit:
 
 
 class _Hook:
-    """Onload / offload hook of one unit (a class, so the executor can recognise its hooks on a deep copy)."""
+    """Onload / offload hook (a class, so the executor can recognise its hooks on a deep copy). It acts on the unit of
+    the module it is called on, never a unit of its own: a deep copy (a merged layer) carries its original's hooks, and
+    its original may be gone. A copy run before the executor adopted it is adopted then."""
 
-    def __init__(self, action, unit: _Unit) -> None:
-        self.action, self.unit = action, unit
+    def __init__(self, action) -> None:
+        self.action = action  # the executor's bound _onload / _offload
 
-    def __call__(self, _module, *_rest) -> None:
-        self.action(self.unit)
+    def __call__(self, module, *_rest) -> None:
+        unit = _unit_of(module)
+        if unit is None:
+            self.action.__self__.sync()
+            unit = _unit_of(module)
+        if unit is not None:
+            self.action(unit)
 
     def __deepcopy__(self, memo) -> _Hook:
         return self
@@ -375,8 +382,8 @@ class LayerwiseExecutor(WholeExecutor):
         for hooks in (module._forward_pre_hooks, module._forward_hooks):  # a deep copy carries its original's hooks
             for key in [k for k, h in hooks.items() if isinstance(h, _Hook)]:
                 del hooks[key]
-        module.register_forward_pre_hook(_Hook(self._onload, unit))
-        module.register_forward_hook(_Hook(self._offload, unit))
+        module.register_forward_pre_hook(_Hook(self._onload))
+        module.register_forward_hook(_Hook(self._offload))
 
     def _ties(self) -> dict[str, str]:
         """Tied parameter names -> the name saved in the checkpoint (e.g. ``lm_head.weight`` -> the embeddings)."""

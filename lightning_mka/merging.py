@@ -180,6 +180,8 @@ class LayerMerger:
         lengths: non-padding length of every calibration sequence, all ranks together (for ``tokens`` points).
         gather: assembles the global point matrix from every rank's points (identity on one process).
         progress: ``progress(batches, description)`` wraps the batches of each calibration pass (e.g. to show it).
+        batch_size: calibration sequences per batch as configured (``verify_batches`` counts batches of this size, at
+            every world size); default: the rows of this rank's first batch.
     """
 
     def __init__(
@@ -191,9 +193,12 @@ class LayerMerger:
         gather: Gather = local_gather,
         reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
         progress: Callable[[Iterable, str], Iterable] = lambda batches, _desc: batches,
+        batch_size: int | None = None,
     ) -> None:
         base, layers = decoder_stack(model)
         self.model = model
+        self.batch_size = batch_size
+        self.num_sequences = int(len(lengths))
         self.config = config
         self.batches = batches
         self.gather = gather
@@ -362,10 +367,13 @@ class LayerMerger:
             for operator, alpha in self._options(similarity, l, m):
                 layers = decoder_stack(self.model)[1]
                 originals = (layers[l], layers[m])
-                with executor_of(self.model).materialized(*originals), merged_temporarily(self.model, l, m, alpha, operator):
-                    if operator == "parallel_pruned":
-                        self._prune(l, m, originals)
-                    nll = self._slice_nll(start=l)
+                cached_input_ok = self._stale_from is None or l <= self._stale_from
+                with executor_of(self.model).materialized(*originals):
+                    targets = self._pair_targets(l, m, cached_input_ok) if operator == "parallel_pruned" else None
+                    with merged_temporarily(self.model, l, m, alpha, operator):
+                        if operator == "parallel_pruned":
+                            self._prune(l, m, originals, cached_input_ok, targets)
+                        nll = self._slice_nll(start=l if cached_input_ok else 0)  # a stale cached input: the whole model
                 if best is None or nll < best[0]:  # strict: ties keep the earlier (more similar, larger a) option
                     best = (nll, l, m, operator, alpha)
         assert best is not None
@@ -550,8 +558,10 @@ class LayerMerger:
             h = hidden_of(layers[l](*first_args, **first_kwargs))
             return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
+        executor = executor_of(self.model)
+
         def after_second(_module, _args, output):
-            targets.append(hidden_of(output))
+            targets.append(executor.cache(hidden_of(output)))  # on CPU under layer-wise execution, like cached inputs
             raise _StopForward
 
         handles = [layers[l].register_forward_pre_hook(at_first, with_kwargs=True),
@@ -596,10 +606,11 @@ class LayerMerger:
         state = {"batch": 0}
         with suffix_only(base, start, lambda: self.collector.inputs[start][state["batch"]][state["rows"]]):
             for b, batch in enumerate(self.batches()):
-                if b >= self.config.verify_batches:
-                    break  # a rank's later batches hold only later sequences (shards interleave)
+                if per_sequence is not None and int(batch["index"].min()) >= per_sequence.shape[0]:
+                    break  # a rank's later batches hold only later sequences (shards interleave, in order)
                 if per_sequence is None:
-                    limit = self.config.verify_batches * batch["input_ids"].shape[0]
+                    size = self.batch_size if self.batch_size is not None else batch["input_ids"].shape[0]
+                    limit = min(self.config.verify_batches * size, self.num_sequences)
                     per_sequence = torch.zeros(limit, 2, dtype=torch.float64)
                 rows = (batch["index"] < per_sequence.shape[0]).nonzero().flatten()
                 if rows.numel() == 0:
@@ -626,9 +637,10 @@ class LayerMerger:
         if self.similarity is not None or self.plan:
             raise RuntimeError("replay must happen before the first scoring step or merge")
         records = list(records)
-        refusal = replay_refusal(self.config, records) if apply else None
-        if refusal is not None:
-            raise MKAError(refusal)
+        if apply:
+            count, reason = exactly_replayable(self.config, records)
+            if count < len(records):
+                raise MKAError(f"cannot resume from all {len(records)} recorded merges: {reason}; replay the first {count}")
         if not apply:  # the model already lost one layer per recorded merge
             self.origins = [[i] for i in range(len(self.origins) + len(records))]
         for record in records:
@@ -654,16 +666,24 @@ class LayerMerger:
         return steps
 
 
-def replay_refusal(config: MergeConfig, records: list[dict]) -> str | None:
-    """Why re-applying recorded merges on fresh weights would not give the recorded weights, or None when it would.
+def exactly_replayable(config: MergeConfig, records: list[dict]) -> tuple[int, str | None]:
+    """How many of ``records`` (a killed run's merges) a rerun can re-apply on fresh weights and then go on exactly as
+    the killed run would have, and why not all of them (None when all).
 
-    ``rescore_scope: merged`` refits every pruned merge after the first towards the dense model's cached states; a
-    rerun's pass gives the current model's instead, so the same pairs would get other weights."""
-    refits = [r for r in records if r.get("operator") == "parallel_pruned"]
-    if config.rescore_scope == "merged" and config.prune_refit and len(records) > 1 and refits:
-        return ("cannot resume: parallel_pruned refits under rescore_scope: merged read the dense model's states of the interrupted run, "
-                "which a rerun does not have (the weights would differ); set resume: false, or delete the progress file, to start over")
-    return None
+    A rerun's next step scores from a full pass over the model as it then is. ``rescore_scope: merged`` scored and
+    refitted against the dense model's cached states, which a rerun does not have: none. ``rescore_every > 1``: the
+    merges after the last scoring read that scoring's matrix: the records before it (the rerun then scores where the
+    killed run did)."""
+    if not records:
+        return 0, None
+    if config.rescore_scope == "merged":
+        return 0, "rescore_scope: merged scores and refits against the dense model's cached states of the killed run, which a rerun does not have"
+    if config.rescore_every > 1:
+        scored = [i for i, record in enumerate(records) if record.get("rescored")]
+        last = scored[-1] if scored else 0
+        if len(records) - last < config.rescore_every:
+            return last, f"with rescore_every: {config.rescore_every} the merges after a scoring read its matrix, which a rerun does not have"
+    return len(records), None
 
 
 def replay_plan(model: nn.Module, plan: Iterable[dict]) -> None:

@@ -350,3 +350,20 @@ def test_lm_eval_under_disk_offload_is_refused_at_setup(tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     with pytest.raises(MKAError, match="LMEvalCallback under offload: disk"):
         LMEvalCallback().setup(trainer, module, "validate")
+
+
+def test_a_merged_layer_runs_before_the_executor_adopts_it(tmp_path):
+    """Surgery deep-copies a layer into the merged one, hooks included; the copy may run before ``sync`` adopts it (a
+    checkpoint's plan replayed, then validation). Its hooks act on its own unit, adopting it then; the original's unit
+    may be gone."""
+    from lightning_mka.merging import replay_plan
+
+    plan = [{"pair": [2, 3], "operator": "parallel_pruned", "kept_kv_groups": [0, 1], "kept_neurons": list(range(64))}]
+    whole = tiny_model("llama", layers=6)
+    replay_plan(whole, plan)
+    model = load_model_executed(str(model_dir(tmp_path, "llama", layers=6)), execution="layerwise", offload="cpu")
+    replay_plan(model, plan)  # no sync: the merged layer still carries its original's hooks
+    ids = torch.randint(4, 120, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
+    assert all(_unit_of(layer) is not None for layer in decoder_stack(model)[1])

@@ -15,7 +15,7 @@ from test_search_verify import batches
 
 
 def merger_for(model, **options):
-    config = MergeConfig(merge_operator="parallel_pruned", points=PointSpec("tokens", 64, 0), **options)
+    config = MergeConfig(**{"merge_operator": "parallel_pruned", "points": PointSpec("tokens", 64, 0), **options})
     return LayerMerger(model, config, batches(), torch.full((8,), 24))
 
 
@@ -244,15 +244,55 @@ def test_merges_between_scorings_prune_from_current_inputs_and_replay():
         torch.testing.assert_close(resumed.model(ids).logits, merger.model(ids).logits)
 
 
-def test_a_run_that_refits_to_the_dense_states_is_not_resumed_into_other_weights():
-    """``rescore_scope: merged`` refits each pruned merge to the dense model's cached states, which a rerun does not
-    have: replaying its plan on fresh weights gave other weights without a word. It is refused; one merge replays."""
-    model = tiny_model("llama", layers=6, initializer_range=0.1)
-    merger = merger_for(copy.deepcopy(model), rescore_scope="merged")
-    merger.merge_to(4)
-    plan = [s.to_json() for s in merger.plan]
-    with pytest.raises(MKAError, match="cannot resume: parallel_pruned refits under rescore_scope: merged"):
-        merger_for(copy.deepcopy(model), rescore_scope="merged").replay(plan)
-    single = merger_for(copy.deepcopy(model), rescore_scope="merged")
-    single.replay(plan[:1])
-    merger_for(copy.deepcopy(model)).replay(plan)  # the default scope replays the same records
+@pytest.mark.parametrize("options", [{"rescore_scope": "merged"}, {"rescore_every": 2}, {"rescore_every": 3, "merge_operator": "average"}],
+                         ids=["merged-scope", "every-2", "every-3-average"])
+def test_a_resume_replays_only_what_it_can_reproduce_and_ends_like_an_uninterrupted_run(options):
+    """A killed run resumed from any number of its merges ends with the uninterrupted run's plan and weights, bit for
+    bit: the merges a rerun cannot reproduce (after a scoring whose matrix it does not have, or against the dense states
+    of ``rescore_scope: merged``) are not replayed but chosen again; replaying them anyway is refused."""
+    from lightning_mka.merging import exactly_replayable
+
+    model = tiny_model("llama", layers=7, initializer_range=0.1)
+    uninterrupted = merger_for(copy.deepcopy(model), **options)
+    uninterrupted.merge_to(3)
+    plan = [s.to_json() for s in uninterrupted.plan]
+    expected = uninterrupted.model.state_dict()
+    counts = []
+    for killed_after in range(1, len(plan)):
+        resumed = merger_for(copy.deepcopy(model), **options)
+        count, reason = exactly_replayable(resumed.config, plan[:killed_after])
+        counts.append(count)
+        if count < killed_after:
+            with pytest.raises(MKAError, match=f"cannot resume from all {killed_after} recorded merges"):
+                merger_for(copy.deepcopy(model), **options).replay(plan[:killed_after])
+        resumed.replay(plan[:count])
+        resumed.merge_to(3)
+        assert [s.pair for s in resumed.plan] == [s.pair for s in uninterrupted.plan]
+        got = resumed.model.state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), (options, killed_after, count)
+    assert counts == {"merged-scope": [0, 0, 0], "every-2": [0, 2, 2], "every-3-average": [0, 0, 3]}[
+        "merged-scope" if "rescore_scope" in options else f"every-{options['rescore_every']}" + ("-average" if "merge_operator" in options else "")]
+
+
+def test_the_nll_check_scores_the_same_sequences_at_every_world_size():
+    """``verify_batches`` counts batches of the configured size, by global sequence index: one process and two ranks
+    (interleaved shards, each holding fewer sequences than a batch) score the same eight sequences."""
+    ids = torch.randint(4, 120, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def loader(rank, world):
+        held = torch.arange(rank, 8, world)
+        return lambda: iter([{"input_ids": ids[held], "attention_mask": torch.ones(len(held), 16, dtype=torch.long), "index": held}])
+
+    model = tiny_model("llama", layers=4)
+    scored = {}
+    for world in (1, 2):
+        totals = []
+        for rank in range(world):
+            sums = []
+            config = MergeConfig(points=PointSpec("last"), selection="verify")
+            LayerMerger(model, config, loader(rank, world), torch.full((8,), 16), reduce=lambda t: sums.append(t) or t, batch_size=8)._slice_nll(0)
+            totals.append(sums[0])
+        per_sequence = sum(totals)
+        scored[world] = (per_sequence[:, 1] > 0).nonzero().flatten().tolist(), per_sequence
+    assert scored[1][0] == scored[2][0] == list(range(8))
+    torch.testing.assert_close(scored[1][1], scored[2][1])

@@ -304,3 +304,27 @@ def test_validate_from_a_compressed_checkpoint_reports_exports_and_quantizes_it(
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), module.model.state_dict().values()))
     quantized = json.loads((tmp_path / "logs" / "version_0" / "quantization.json").read_text())
     assert name in quantized["int8"]["metrics"] and (tmp_path / "export-int8" / "config.json").exists()
+
+
+def test_validate_from_a_lora_checkpoint_exports_folded_weights(quant_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """The export of a LoRA heal's checkpoint holds plain weights, as fit's own export does: adapters folded, nothing
+    that from_pretrained would report missing and initialize at random."""
+    from safetensors.torch import load_file
+
+    def data(**kwargs):
+        return CalibrationDataModule(tokenizer=str(quant_model_dir), calibration=str(tiny_corpus), calibration_samples=8, seq_len=32,
+                                     batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=4, **kwargs)
+
+    L.seed_everything(0)
+    fit = trainer(tmp_path / "fit", [MergeCallback(target_layers=4, num_points=128)], max_epochs=1, num_sanity_val_steps=-1)
+    fit.fit(MKAModule(model=str(quant_model_dir), learning_rate=1e-3, trainable="lora"), datamodule=data(train_samples=8))
+    module = MKAModule(model=str(quant_model_dir), trainable="lora")
+    merge = MergeCallback(target_layers=4, num_points=128, export_dir=str(tmp_path / "export"))
+    trainer(tmp_path, [merge]).validate(module, datamodule=data(), ckpt_path=fit.checkpoint_callback.best_model_path)
+    keys = set(load_file(tmp_path / "export" / "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k for k in keys)
+    exported = MKAModule(model=str(tmp_path / "export")).model
+    assert keys == set(exported.state_dict()) - {"lm_head.weight"} or keys == set(exported.state_dict())
+    ids = torch.randint(4, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, module.model(input_ids=ids).logits)

@@ -64,13 +64,21 @@ def test_progress_from_another_configuration_is_refused(tmp_path, tiny_model_dir
     assert "was written by a different configuration; delete it, or set resume: false" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_run_that_cannot_be_replayed_is_refused_at_setup(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
-    # rescore_scope: merged refits to the dense states of the killed run: a rerun would give other weights, so it says so
-    # before the dense validation instead of resuming.
-    options = {"merge_operator": "parallel_pruned", "rescore_scope": "merged"}
-    config = write_config(tmp_path / "b.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export", **options)
-    assert run(config, tmp_path, kill_after=2).returncode == -signal.SIGKILL
-    proc = run(config, tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "cannot resume: parallel_pruned refits under rescore_scope: merged" in proc.stderr.strip().splitlines()[-1]
-    assert "validation" not in proc.stderr.lower() and not (tmp_path / "export").exists()
+def test_a_run_resumed_where_it_cannot_replay_everything_still_ends_bit_identical(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    # rescore_every: 2 killed after merge 1: merge 2 would read merge 1's scoring, which a rerun does not have, so the
+    # rerun says so and merges again from the start; killed after merge 2 (the next merge scores anew) it replays both.
+    # Either way the export equals an uninterrupted run's.
+    options = {"merge_operator": "parallel_pruned", "rescore_every": 2}
+    straight = write_config(tmp_path / "a.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export-a", **options)
+    assert run(straight, tmp_path).returncode == 0
+    for killed_after, replayed in ((1, 0), (2, 2)):
+        export = tmp_path / f"export-{killed_after}"
+        config = write_config(tmp_path / f"b{killed_after}.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, export, **options)
+        assert run(config, tmp_path, kill_after=killed_after).returncode == -signal.SIGKILL
+        resumed = run(config, tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        said = resumed.stderr + resumed.stdout
+        if replayed < killed_after:
+            assert f"resuming from its first {replayed} of {killed_after} merges and merging the rest again" in said
+        assert (f"replayed {replayed} merges" in said) == (replayed > 0)
+        assert digest(tmp_path / "export-a" / "model.safetensors") == digest(export / "model.safetensors")

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_mka.activations import PointSpec
@@ -23,7 +23,7 @@ from lightning_mka.signals import set_phase, set_resume_hint
 from lightning_mka.export import check_export_dir, export_placeholders, export_pretrained, model_name, models_read_by, resolve_export_path, write_json_atomic
 from lightning_mka.fsdp import is_sharded, refuse_surgery_when_sharded
 from lightning_mka.manifold import DiffusionMapConfig
-from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, local_gather, replay_refusal
+from lightning_mka.merging import LayerMerger, MergeConfig, MergeStats, exactly_replayable, local_gather
 from lightning_mka.module import rebuild_for_training
 from lightning_mka.planning import resolve_target
 from lightning_mka.progress import track
@@ -247,7 +247,8 @@ class MergeCallback(Callback):
                 yield {k: v.to(device) if k != "index" else v for k, v in batch.items()}
 
         reduce = pl_module._sum_over_ranks if hasattr(pl_module, "_sum_over_ranks") else (lambda t: t)
-        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce, progress=self._progress(trainer))
+        merger = LayerMerger(pl_module.model, self.config, batches, lengths, gather=self._gather(pl_module), reduce=reduce, progress=self._progress(trainer),
+                             batch_size=getattr(datamodule, "batch_size", None))
         if pl_module.merge_plan:  # restored from a checkpoint: the module already replayed these merges
             merger.replay(pl_module.merge_plan, apply=False)
         elif self._resume_steps:
@@ -272,9 +273,12 @@ class MergeCallback(Callback):
             raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (its first merge leaves {steps[0]['depth_after']} layers of a {depth}-layer model); {PROGRESS_FIX}")
         if steps and steps[-1]["depth_after"] < (self._target or 1):
             raise MKAError(f"progress file {str(self.progress_file)!r} has the wrong content (it merges below the target of {self._target} layers); {PROGRESS_FIX}")
-        refusal = replay_refusal(self.config, steps)
-        if refusal is not None:
-            raise MKAError(f"progress file {str(self.progress_file)!r}: {refusal}")
+        count, reason = exactly_replayable(self.config, steps)
+        if count < len(steps):
+            # The rest are chosen again, as the killed run chose them: the result is an uninterrupted run's.
+            rank_zero_warn(f"progress file {str(self.progress_file)!r}: {reason}; resuming from its first {count} of {len(steps)} merges "
+                           "and merging the rest again")
+            steps = steps[:count]
         self._resume_steps = steps
         set_resume_hint(progress_file=self.progress_file, merges=len(steps))
 
@@ -419,6 +423,8 @@ class MergeCallback(Callback):
             if trainer.state.fn == "validate" and self._plan and not self._finished:
                 # validate --ckpt_path of a compressed checkpoint: nothing is left to merge, but the run still measures,
                 # reports and exports that model (and the quantization and lm-eval callbacks run after it).
+                if hasattr(pl_module, "fold_adapters"):
+                    pl_module.fold_adapters()  # a LoRA checkpoint: export plain weights, as fit does
                 self._finish(trainer, pl_module, dict(pl_module.last_metrics))
             return
         validating = trainer.state.fn == "validate"
