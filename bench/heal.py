@@ -74,6 +74,20 @@ def cmd_starts(args) -> None:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer("smollm2-135m")
+    # angular256 = angular's drop of the block chosen on 256 calibration sequences (bench/results/block_choice.json):
+    # compare_methods.json's angular block was chosen on 16, and at k = 9 it is another block (block_choice.md).
+    choices = json.loads((RESULTS / "block_choice.json").read_text())["choices"] if (RESULTS / "block_choice.json").exists() else {}
+    for k in args.ks:
+        out = start_dir("angular256", k)
+        if out.exists() or str(k) not in choices:
+            continue
+        remove = choices[str(k)]["pool"]
+        model = load_model("smollm2-135m")
+        drop_layers(model, remove)
+        export_pretrained(model, tokenizer, out, extra_files={"mka_merge_plan.json": {"steps": [{"op": "drop", "remove": remove}]}})
+        print(f"angular256 k={k}: drop {remove}", flush=True)
+    if args.only == "angular256":
+        return
     rows = compare_rows()
     for k in args.ks:
         for method in ("shortgpt", "angular", "tail"):
@@ -333,7 +347,7 @@ def cmd_run(args) -> None:
 # ---- report -----------------------------------------------------------------------------------------------------
 
 LABELS = {"ours": "ours: NPIB + parallel_pruned", "norefit": "NPIB + parallel_pruned without refit", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT",
-          "angular": "angular", "replaceme": "ReplaceMe", "tail": "tail",
+          "angular": "angular", "angular256": "angular, block chosen on 256 sequences", "replaceme": "ReplaceMe", "tail": "tail",
           "npibdrop": "NPIB groups, dropped (first layer of each kept)",
           "blockmerge": "ShortGPT's layers, merged (ours, no refit) into the nearest kept layer", "dense": "dense fine-tuned (control)"}
 
@@ -447,6 +461,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     starts = sub.add_parser("starts")
     starts.add_argument("--ks", nargs="+", type=int, default=[9, 6])
+    starts.add_argument("--only", choices=["angular256"], default=None, help="build only this start")
     run = sub.add_parser("run")
     run.add_argument("--start", required=True, choices=sorted(LABELS))
     run.add_argument("--k", type=int, default=9)

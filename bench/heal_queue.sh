@@ -18,6 +18,7 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 13: ours on the k = 9 recipe's exact settings (beta2 0.95); half the text from teacher samples
                                # 14: the hidden-state term for a drop, now aligned to the dropped block's output at each cut
                                # 15: the learning rate of the k = 9 recipe (ShortGPT, beta2 0.95) at the full budget
+                               # 16: angular's k = 9 block chosen on 256 calibration sequences, healed with the k = 9 recipe
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -71,6 +72,18 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 16 ]]; then
+  # compare_methods.json chose angular's k = 9 block on 16 calibration sequences (layers 11-19, 796 wiki ppl); on 256
+  # (bench/block_choice.py) it is 10-18 (101.8), the block 12 of 16 disjoint 16-sequence subsets pick too. That start,
+  # healed with the k = 9 recipe (ShortGPT's command: stage-7 settings + beta2 0.95). Rule, written before it ran: a
+  # lower held-aside geometric mean than ShortGPT's 28.54 (stage 11) takes the k = 9 recipe's start; the evaluation
+  # row runs either way and chooses nothing (it fills angular's k = 9 cell with a fairly chosen block).
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only angular256  # after bench/block_choice.py wrote its JSON
+  run probe100k-angular256-k9-$S7_TAG-b2-0.95 --heldaside 8 --start angular256 --k 9 $S7 --adam-beta2 0.95 $C
+  run angular256-k9-kd-100k-r3-$S7_TAG-b2-0.95 --start angular256 --k 9 $S7 --adam-beta2 0.95 $C
+  echo "$(date -u +%T) stage 16 done"
   exit 0
 fi
 if [[ $STAGE == 15 ]]; then
