@@ -28,7 +28,7 @@ from lightning_mka.errors import MKAError, exception_chain, find_mka_error
 from lightning_mka.export import write_error_reason
 from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths, read_progress
 from lightning_mka.fsdp import FSDP_STRATEGY_NAMES, fsdp_strategy
-from lightning_mka.module import MKAModule
+from lightning_mka.module import CHECKPOINT_UNDER_DISK_OFFLOAD, MKAModule
 from lightning_mka.progress import is_terminal
 
 DESCRIPTION = (
@@ -68,12 +68,19 @@ class MKACLI(LightningCLI):
         ckpt = config.get("ckpt_path") if config is not None else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             check_checkpoint(ckpt, model=config.get("model", {}).get("model"))
+        # LightningCLI replaces the model's arguments with the checkpoint's hyperparameters; where this run keeps the
+        # weights (execution, offload) is this run's choice: a 70B checkpoint validated layer by layer must not load whole.
+        runtime = {key: config.get("model", {}).get(key) for key in RUNTIME_MODEL_ARGUMENTS} if ckpt else {}
         super()._parse_ckpt_path()
+        for key, value in runtime.items():
+            self.config[f"{subcommand}.model.{key}"] = value
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and self.subcommand == "validate" and not config.get("ckpt_path"):
             self._check_progress_files(config)  # only validate resumes from a progress file (fit: checkpoints)
+        if config is not None and config.get("ckpt_path") and (config.get("model") or {}).get("offload") == "disk":
+            raise MKAError(CHECKPOINT_UNDER_DISK_OFFLOAD)  # before the trainer writes its config (MKAModule checks it too)
 
     @staticmethod
     def _check_progress_files(config) -> None:
@@ -117,6 +124,10 @@ class MKACLI(LightningCLI):
             if callable(getattr(callback, "refuse_a_drop_that_cannot_run", None)):
                 callback.refuse_a_drop_that_cannot_run(trainer.world_size, self.model, self.subcommand)
         return trainer
+
+
+# MKAModule arguments that say where the weights rest, not what the model is: never taken from a checkpoint.
+RUNTIME_MODEL_ARGUMENTS = ("execution", "offload", "offload_dir")
 
 
 def choose_accelerator(requested: str, cuda: bool, mps: bool) -> str:

@@ -176,7 +176,8 @@ class LayerMerger:
     Args:
         model: the causal LM (changed in place).
         config: merge options.
-        batches: returns a fresh iterable over this rank's calibration batches (same order every call).
+        batches: returns a fresh iterable over this rank's calibration batches (same order every call, global
+            sequence indices increasing, as the calibration loaders give them).
         lengths: non-padding length of every calibration sequence, all ranks together (for ``tokens`` points).
         gather: assembles the global point matrix from every rank's points (identity on one process).
         progress: ``progress(batches, description)`` wraps the batches of each calibration pass (e.g. to show it).

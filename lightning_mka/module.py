@@ -25,6 +25,10 @@ from lightning_mka.progress import Progress
 from lightning_mka.surgery import decoder_stack
 
 
+CHECKPOINT_UNDER_DISK_OFFLOAD = ("a checkpoint cannot be loaded into weights offloaded to disk (execution: layerwise, offload: disk); "
+                                 "load it with offload: cpu (or execution: whole) and export it, then run layerwise from the export")
+
+
 class MKAModule(L.LightningModule):
     """Wraps the causal LM; validation reports perplexity per held-out text and MMLU accuracy.
 
@@ -421,8 +425,7 @@ class MKAModule(L.LightningModule):
         executor = executor_of(self.model)
         if getattr(executor, "offload", None) == "disk":
             # Its parameters are meta placeholders: a state_dict load writes nothing into them (torch only warns).
-            raise MKAError("a checkpoint cannot be loaded into weights offloaded to disk (execution: layerwise, offload: disk); "
-                           "load it with offload: cpu (or execution: whole) and export it, then run layerwise from the export")
+            raise MKAError(CHECKPOINT_UNDER_DISK_OFFLOAD)
         plan = checkpoint.get("mka_merge_plan", [])
         if plan and not self.merge_plan:
             fold_lora(self.model)

@@ -24,7 +24,7 @@ def test_unknown_asset_name(tmp_path):
 def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = cli("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", cwd=tmp_path)
+    proc = cli("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", "--data.seq_len", "32", cwd=tmp_path)
     assert_one_line_error(proc, f"calibration file '{empty}' is empty; pass UTF-8 text (.txt) or JSON lines (.jsonl)")
     assert not (tmp_path / "exports").exists()
 

@@ -367,3 +367,32 @@ def test_a_merged_layer_runs_before_the_executor_adopts_it(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
     assert all(_unit_of(layer) is not None for layer in decoder_stack(model)[1])
+
+
+def test_validate_from_a_checkpoint_keeps_this_runs_execution(tmp_path, tiny_corpus, tiny_heldout):
+    """LightningCLI replaces the model's arguments with the checkpoint's hyperparameters; where the weights rest is the
+    run's own choice: ``--model.execution layerwise`` stays (it was silently whole), and disk offload, which cannot
+    take a checkpoint, is refused in one line before anything is written."""
+    from conftest import write_config
+
+    source = model_dir(tmp_path, "llama", layers=6)
+    L.seed_everything(0)
+    data = CalibrationDataModule(tokenizer=str(source), calibration=str(tiny_corpus), calibration_samples=8, train_samples=8, seq_len=32,
+                                 batch_size=4, eval_texts=[str(tiny_heldout)], eval_samples=2)
+    fit = L.Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=str(tmp_path / "fit"), enable_progress_bar=False)
+    fit.fit(MKAModule(model=str(source), learning_rate=1e-3), datamodule=data)
+    checkpoint = fit.checkpoint_callback.best_model_path
+    config = write_config(tmp_path / "validate.yaml", source, tiny_corpus, tiny_heldout, tmp_path / "export", target_layers=4)
+    for offload in ("disk", "cpu"):
+        run = tmp_path / f"run-{offload}"
+        run.mkdir()
+        proc = cli("validate", "--config", str(config), "--model.execution", "layerwise", "--model.offload", offload,
+                   "--model.offload_dir", str(tmp_path / "scratch"), "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(run), cwd=run)
+        if offload == "disk":
+            assert_one_line_error(proc, "a checkpoint cannot be loaded into weights offloaded to disk")
+            assert list(run.iterdir()) == [] and not (tmp_path / "export").exists()
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            saved = (run / "config.yaml").read_text()
+            assert "execution: layerwise" in saved and "offload: cpu" in saved
+            assert len(decoder_stack(MKAModule(model=str(tmp_path / "export")).model)[1]) == 4
