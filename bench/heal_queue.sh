@@ -76,7 +76,7 @@ if [[ $STAGE == 3 ]]; then
 fi
 if [[ $STAGE == 16 ]]; then
   # compare_methods.json chose angular's k = 9 block on 16 calibration sequences (layers 11-19, 796 wiki ppl); on 256
-  # (bench/block_choice.py) it is 10-18 (101.8), the block 12 of 16 disjoint 16-sequence subsets pick too. That start,
+  # (bench/block_choice.py) it is 10-18 (101.8), the block 13 of 16 disjoint 16-sequence subsets pick too. That start,
   # healed with the k = 9 recipe (ShortGPT's command: stage-7 settings + beta2 0.95). Rule, written before it ran: a
   # lower held-aside geometric mean than ShortGPT's 28.54 (stage 11) takes the k = 9 recipe's start; the evaluation
   # row runs either way and chooses nothing (it fills angular's k = 9 cell with a fairly chosen block).
