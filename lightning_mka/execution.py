@@ -577,6 +577,11 @@ def executor_of(model: nn.Module) -> WholeExecutor:
     return executor if executor is not None else WholeExecutor(model)
 
 
+def offloads_to_disk(model: nn.Module) -> bool:
+    """Whether ``model``'s weights rest on disk (layer-wise execution, ``offload: disk``): its parameters are meta."""
+    return getattr(executor_of(model), "offload", None) == "disk"
+
+
 def compute_device(model: nn.Module) -> torch.device:
     """Where inputs go: the executor's device (layer-wise), else the device of the model's parameters."""
     return executor_of(model).device

@@ -288,7 +288,7 @@ class LayerMerger:
             executor_of(self.model).spill(decoder_stack(self.model)[1][l])
         else:
             # Layer l's cached input is current unless a merge before l came since the last scoring (rescore_every > 1).
-            kept = self._apply(l, m, alpha, operator, self._stale_from is None or l <= self._stale_from)
+            kept = self._apply(l, m, alpha, operator, self._input_current(l))
         self.stats.merge_seconds += time.perf_counter() - tick
         return self._record(l, m, kept, score=score, alpha=alpha, rescored=rescored, nll=nll, operator=operator)
 
@@ -299,7 +299,7 @@ class LayerMerger:
         if isinstance(l, bool) or isinstance(m, bool) or not (isinstance(l, int) and isinstance(m, int) and 0 <= l < m < self.depth):
             raise MKAError(f"merge pair ({l}, {m}) is not two layers l < m of the current {self.depth}; give current indices")
         # Layer l's cached input is current only if scoring saw it and no merge or training came before l since.
-        cached_input_ok = self.similarity is not None and (self._stale_from is None or l <= self._stale_from)
+        cached_input_ok = self.similarity is not None and self._input_current(l)
         tick = time.perf_counter()
         kept = self._apply(l, m, alpha, self.config.merge_operator, cached_input_ok)
         self.stats.merge_seconds += time.perf_counter() - tick
@@ -368,7 +368,7 @@ class LayerMerger:
             for operator, alpha in self._options(similarity, l, m):
                 layers = decoder_stack(self.model)[1]
                 originals = (layers[l], layers[m])
-                cached_input_ok = self._stale_from is None or l <= self._stale_from
+                cached_input_ok = self._input_current(l)
                 with executor_of(self.model).materialized(*originals):
                     targets = self._pair_targets(l, m, cached_input_ok) if operator == "parallel_pruned" else None
                     with merged_temporarily(self.model, l, m, alpha, operator):
@@ -391,7 +391,7 @@ class LayerMerger:
         for l, m in self._ranked(similarity, candidates)[: self.config.verify_top]:
             layers = decoder_stack(self.model)[1]
             originals = (layers[l], layers[m])
-            cached_input_ok = self._stale_from is None or l <= self._stale_from
+            cached_input_ok = self._input_current(l)
             with executor_of(self.model).materialized(*originals):
                 targets = self._pair_targets(l, m, cached_input_ok)
                 with merged_temporarily(self.model, l, m, None, "parallel_pruned"):
@@ -527,6 +527,10 @@ class LayerMerger:
             if post_norm is not None:
                 set_norm_scale(post_norm, sums["unit_cross"] / sums["unit_sq"].clamp(min=1e-12))
         return {"kept_kv_groups": groups, "kept_neurons": neurons, "damage": damage}
+
+    def _input_current(self, l: int) -> bool:
+        """Whether layer ``l``'s cached input is still its input: no merge before ``l`` since the last scoring."""
+        return self._stale_from is None or l <= self._stale_from
 
     def _mixed_layer_types(self, l: int, m: int) -> bool:
         types = getattr(self.model.config, "layer_types", None)

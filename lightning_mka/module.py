@@ -16,7 +16,7 @@ from lightning_mka.distillation import aligned_teacher_layers, hidden_mse, kd_lo
 from lightning_mka.errors import MKAError
 from lightning_mka.evaluation import Evaluator, shifted_token_nll
 from lightning_mka.finetuning import check_lora_targets, check_trainable, depth_before, fold_lora, has_lora, inject_lora, layer_parameters, layers_next_to_merges, merged_layers, tail_parameters
-from lightning_mka.execution import check_execution, executor_of
+from lightning_mka.execution import check_execution, executor_of, offloads_to_disk
 from lightning_mka.files import read_json
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.loading import load_model, load_model_executed, load_tokenizer, parse_dtype, resolve_model_source
@@ -422,8 +422,7 @@ class MKAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning loads the module's state_dict before callbacks are restored: replay the merges first so the
         # strict load finds the same structure.
-        executor = executor_of(self.model)
-        if getattr(executor, "offload", None) == "disk":
+        if offloads_to_disk(self.model):
             # Its parameters are meta placeholders: a state_dict load writes nothing into them (torch only warns).
             raise MKAError(CHECKPOINT_UNDER_DISK_OFFLOAD)
         plan = checkpoint.get("mka_merge_plan", [])

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_mka.errors import MKAError
-from lightning_mka.execution import executor_of
+from lightning_mka.execution import offloads_to_disk
 from lightning_mka.export import write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.harness import LOCAL_MMLU, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
@@ -65,7 +65,7 @@ class LMEvalCallback(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.refuse_under_sharding(trainer.strategy, pl_module)
-        if getattr(executor_of(pl_module.model), "offload", None) == "disk":
+        if offloads_to_disk(pl_module.model):
             raise MKAError("LMEvalCallback under offload: disk: lm-eval runs the model as one module on one device, and its weights are on disk; "
                            "run lm-eval on the export in its own run (offload: cpu or execution: whole)")
         merge = self._merge_callback(trainer)
