@@ -1,11 +1,13 @@
-"""Does the angular / ReplaceMe block that compare_methods.md evaluates depend on its 16 calibration sequences?
+"""Do the training-free methods of compare_methods.md depend on its 16 calibration sequences?
 
-Both methods pick the block of k layers whose input and output are closest in angle at the last token of each
+Angular and ReplaceMe pick the block of k layers whose input and output are closest in angle at the last token of each
 sequence (Gromov et al.; ReplaceMe reuses it): 16 sequences give that distance 16 samples, the papers use thousands.
 This script collects the same statistics over a larger pool of calibration sequences (the wiki calibration split,
 never the evaluation texts), shows the block each choice of sequences picks (the table's first 16, the whole pool,
 and disjoint 16-sequence subsets of it), and evaluates angular's drop and ReplaceMe (its transform fitted on the
-table's 16 sequences, and on the pool) on every block that came up, on the table's evaluation texts.
+table's 16 sequences, and on the pool) on every block that came up, on the table's evaluation texts. ShortGPT (its
+layers chosen by Block Influence on the 16, and on the pool) and ours (NPIB + parallel_pruned, calibrated on the 16,
+and on the pool) complete the table's training-free methods on equal calibration.
 
     python bench/block_choice.py [--pool 256] [--ks 6 9]   -> bench/results/block_choice.md / .json
 """
@@ -21,7 +23,9 @@ from pathlib import Path
 import torch
 
 from common import add_data_arguments, evaluate, load_dense, setup_data
+from compare_methods import mka_config
 from lightning_mka.baselines import DropStatistics, collect_drop_statistics, select_layers_to_drop
+from lightning_mka.merging import LayerMerger
 from lightning_mka.replaceme import replace_block
 from lightning_mka.surgery import decoder_stack, drop_layers
 
@@ -32,6 +36,17 @@ TABLE_SEQUENCES = 16  # compare_methods.md's calibration
 def restricted(stats: DropStatistics, keep: torch.Tensor) -> DropStatistics:
     """The statistics of a subset of the sequences (angular / ReplaceMe read only the last-token states)."""
     return DropStatistics(stats.block_influence, stats.last_states[:, keep], stats.sequence_ids[keep])
+
+
+def span(layers) -> str:
+    """``[3, 12, 13, 14, 25, 26]`` -> ``3, 12-14, 25-26``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def main() -> None:
@@ -82,11 +97,41 @@ def main() -> None:
                 rows.append(row)
                 print(f"  layers {start}-{end - 1} ({', '.join(picked_by)}): {method}: wiki {row['wiki_ppl']:.2f} lee {row['lee_ppl']:.2f}", flush=True)
                 del model
+    # ShortGPT (Block Influence over every token) and ours (NPIB + parallel_pruned, compare_methods' variant) on the
+    # table's 16 sequences and on the pool: every training-free method of the table, on equal calibration.
+    with torch.no_grad():
+        table_stats = collect_drop_statistics(decoder_stack(dense)[0], fit_batches(TABLE_SEQUENCES))
+    for k in args.ks:
+        picks = {"table 16": select_layers_to_drop("shortgpt", depth, k, table_stats), f"pool {args.pool}": select_layers_to_drop("shortgpt", depth, k, stats)}
+        choices[k]["shortgpt"] = picks
+        print(f"k={k}: ShortGPT on the table's 16 -> {picks['table 16']}, on the pool -> {picks[f'pool {args.pool}']}", flush=True)
+        for layers in sorted({tuple(b) for b in picks.values()}):
+            model = copy.deepcopy(dense)
+            drop_layers(model, list(layers))
+            metrics = evaluate(model, data, reference, record=False)
+            picked_by = [name for name, b in picks.items() if tuple(b) == layers]
+            rows.append({"k": k, "layers": list(layers), "picked_by": picked_by, "method": "ShortGPT drop", "wiki_ppl": metrics["wiki_ppl"], "lee_ppl": metrics["lee_ppl"]})
+            print(f"  ShortGPT drop {span(layers)} ({', '.join(picked_by)}): wiki {metrics['wiki_ppl']:.2f} lee {metrics['lee_ppl']:.2f}", flush=True)
+            del model
+    for count in (TABLE_SEQUENCES, args.pool):
+        model = copy.deepcopy(dense)
+        tick = time.perf_counter()
+        merger = LayerMerger(model, mka_config("mka-parallel-pruned", count), lambda count=count: fit_batches(count), torch.full((count,), args.seq_len))
+        for k in sorted(args.ks):
+            merger.merge_to(depth - k)
+            seconds = time.perf_counter() - tick
+            metrics = evaluate(model, data, reference, record=False)
+            pairs = [f"{a}+{b}" for a, b in (step.to_json()["pair_original"] for step in merger.plan)]
+            rows.append({"k": k, "pairs": pairs, "picked_by": [f"{'table' if count == TABLE_SEQUENCES else 'pool'} {count}"], "method": f"ours: NPIB + parallel_pruned, calibrated on {count}",
+                         "wiki_ppl": metrics["wiki_ppl"], "lee_ppl": metrics["lee_ppl"], "compress_seconds": round(seconds, 1)})
+            print(f"  ours on {count} sequences, k={k}: {pairs} ({seconds:.0f} s): wiki {metrics['wiki_ppl']:.2f} lee {metrics['lee_ppl']:.2f}", flush=True)
+        merger.invalidate()
+        del merger, model
     out = {"setup": {"pool": args.pool, "seq_len": args.seq_len, "eval_samples": args.eval_samples, "collect_seconds": round(collect_seconds, 1)},
            "dense": {"wiki_ppl": dense_metrics["wiki_ppl"], "lee_ppl": dense_metrics["lee_ppl"]}, "choices": {str(k): v for k, v in choices.items()}, "rows": rows}
     (RESULTS / "block_choice.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
-        "# The angular / ReplaceMe block: 16 calibration sequences vs a larger pool",
+        "# The training-free methods on 16 calibration sequences (the table's) and on a pool of 256",
         "",
         f"Generated by `bench/block_choice.py --pool {args.pool}` (SmolLM2-135M, wiki calibration split, {args.seq_len} tokens per sequence; "
         f"evaluation: {args.eval_samples} x {args.seq_len} held-out wiki / lee tokens, as `compare_methods.md`; dense "
@@ -96,10 +141,11 @@ def main() -> None:
         "|---|---|---|",
     ]
     for k, c in choices.items():
-        lines.append(f"| {k} | table's 16: {c['table'][0]}-{c['table'][-1]}; pool of {args.pool}: {c['pool'][0]}-{c['pool'][-1]} | {c['subset_starts']} |")
-    lines += ["", "| k | layers removed | picked by | method | wiki ppl | lee ppl |", "|---|---|---|---|---|---|"]
+        lines.append(f"| {k} | angular's block: table's 16: {c['table'][0]}-{c['table'][-1]}; pool of {args.pool}: {c['pool'][0]}-{c['pool'][-1]} | {c['subset_starts']} |")
+    lines += ["", "| k | layers removed (ours: pairs merged, original indices) | picked by | method | wiki ppl | lee ppl |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['k']} | {r['block'][0]}-{r['block'][1]} | {', '.join(r['picked_by'])} | {r['method']} | {r['wiki_ppl']:.2f} | {r['lee_ppl']:.2f} |")
+        removed = f"{r['block'][0]}-{r['block'][1]}" if "block" in r else span(r["layers"]) if "layers" in r else ", ".join(r["pairs"])
+        lines.append(f"| {r['k']} | {removed} | {', '.join(r['picked_by'])} | {r['method']} | {r['wiki_ppl']:.2f} | {r['lee_ppl']:.2f} |")
     (RESULTS / "block_choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

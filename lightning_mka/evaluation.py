@@ -91,7 +91,11 @@ class MMLUTally:
 
 
 def perplexity(nll_sum: float, count: float) -> float:
-    return math.exp(nll_sum / count) if count else math.nan
+    """exp(mean NLL); ``inf`` past float range (a badly damaged model is reported, not a crash)."""
+    if not count:
+        return math.nan
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 709.0 else math.inf
 
 
 class Evaluator:

@@ -89,6 +89,12 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tup
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")
     if path.exists() and not path.is_dir():
         raise MKAError(f"export dir {str(path)!r} is a file; choose a directory path")
+    if Path(os.path.abspath(path)) == Path(os.path.abspath(path)).parent:
+        raise MKAError(f"export dir {str(path)!r} is a file system root; choose a directory path such as exports/my-model")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        # overwrite replaces a previous export, never a directory of other files (a project dir, ~/models, '.').
+        raise MKAError(f"export dir {str(path)!r} holds files but no model (no config.json); overwrite: true replaces only a previous export or an "
+                       "empty directory: choose a new export_dir such as exports/my-model")
     parent = writable_ancestor(path, f"export dir {str(path)!r}", "choose another export_dir")
     clean_stale_temps(parent, f".{path.name}.")  # temp dirs of an export killed by SIGKILL
     return path
@@ -189,9 +195,11 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     export untouched and removes the temp dir.
     """
     path = check_export_dir(export_dir, overwrite)
+    path = Path(os.path.abspath(path))  # '.' or 'out/..' has no name to build the sibling temp dirs from
     set_phase(f"export to {path}")
     tmp = path.with_name(temp_prefix(path) + "new")
     renaming = False
+    old = None  # the previous export while it is moved aside: put back if the swap fails halfway
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path)))
@@ -213,7 +221,8 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
                     old = path.with_name(temp_prefix(path, "old") + f"dir{attempt}")
                     os.replace(path, old)
                     os.replace(tmp, path)
-                    shutil.rmtree(old, ignore_errors=True)
+                    moved, old = old, None
+                    shutil.rmtree(moved, ignore_errors=True)
                 else:
                     os.replace(tmp, path)
                 break
@@ -226,12 +235,21 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
             raise MKAError(f"export to {str(path)!r} failed: another process kept moving the directory away while this one renamed its export into place; "
                            "let one run write each export_dir, then rerun")
     except Exception as err:  # OSError from Python writes, SafetensorError (Rust I/O) from the weights, MKAError from JSON
+        restore_moved_aside(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         if renaming and isinstance(err, MKAError):
             raise
         reason = write_error_reason(err)
         raise MKAError(f"export to {str(path)!r} failed ({reason}); free space or choose another export_dir, nothing was changed there") from None
     except BaseException:
+        restore_moved_aside(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def restore_moved_aside(old: Path | None, path: Path) -> None:
+    """A failure (or a stop) between moving the previous export aside and renaming the new one into place: the
+    previous export goes back, so a failed export changes nothing."""
+    if old is not None and old.exists() and not path.exists():
+        os.replace(old, path)

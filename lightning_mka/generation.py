@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from lightning_mka.errors import MKAError
 
@@ -39,29 +40,34 @@ def sample_texts(model, tokenizer, count: int, new_tokens: int, batch_size: int 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # generate() fills every setting the call leaves unset from the model's generation_config.json: a shipped
+    # repetition_penalty, min_p or no_repeat_ngram_size would reshape the samples. Sample under a neutral one.
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
+    )
     texts: list[str] = []
     try:
         for b, first in enumerate(range(0, count, batch_size)):
             rows = min(batch_size, count - first)
             ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(seed + b)
-            if device.type == "cuda":
-                torch.cuda.manual_seed_all(seed + b)
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
-            )
-            torch.random.set_rng_state(generator_state)
+            # fork_rng: the seeds are this call's own; the CPU and this device's generators are restored afterwards.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed + b)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
+                )
             texts.extend(tokenizer.decode(row[1:], skip_special_tokens=True) for row in out.cpu())
     finally:
+        model.generation_config = shipped
         model.train(was_training)
     return texts
 

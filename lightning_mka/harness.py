@@ -80,11 +80,48 @@ def run_harness(model, tokenizer, tasks: list, batch_size: int = 1, limit: int |
     device = compute_device(model)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # lm-eval logs every task and request build at INFO
     try:
-        with _quiet_bars_off_terminal():
+        # simple_evaluate seeds Python's, NumPy's and torch's generators (its own reproducibility); the run's draws
+        # after it (e.g. LoRA adapters injected after a merge) must not depend on whether lm-eval ran.
+        with _quiet_bars_off_terminal(), _global_rng_kept(device):
             wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), add_bos_token=False)
             return simple_evaluate(model=wrapper, tasks=list(tasks), limit=limit, bootstrap_iters=0, log_samples=log_samples)
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def _global_rng_kept(device):
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def check_task_names(tasks: list) -> None:
+    """Task names lm-eval does not know, refused in one line before any work (lm-eval would fail after the run's
+    compression, with a traceback). Indexing lm-eval's tasks takes seconds, so only names other than ours are looked up."""
+    names = [t for t in tasks if isinstance(t, str) and t != LOCAL_MMLU]
+    if not names:
+        return
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, known, n=1) for t in unknown}
+        hint = "; ".join(f"{t!r}: did you mean {m[0]!r}?" for t, m in hints.items() if m)
+        raise MKAError(f"lm-eval does not know the task(s) {unknown}" + (f" ({hint})" if hint else "")
+                       + f"; list them with `lm-eval ls tasks`, or use {LOCAL_MMLU} (offline MMLU)")
 
 
 @contextmanager

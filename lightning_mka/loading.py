@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -22,7 +21,11 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep + os.sep in source
+    """A source that can only be meant as a local path: absolute or relative markers, a ``.gguf`` file, more than the
+    one slash of a hub id ``org/name``, or a first component that is a local directory (``exports/my-model``)."""
+    if source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source.count("/") > 1:
+        return True
+    return "/" in source and Path(source.split("/", 1)[0]).is_dir()
 
 
 def resolve_model_source(source: str) -> tuple[str, dict]:

@@ -224,7 +224,11 @@ class MKAModule(L.LightningModule):
         """Set ``requires_grad`` for the current structure (called at fit start and after every merge)."""
         mode = self.hparams.trainable
         if mode == "lora":
-            fold_lora(self.model)
+            if has_lora(self.model):  # restored from a checkpoint: keep its trained adapters (and their optimizer state)
+                for name, p in self.model.named_parameters():
+                    p.requires_grad_(".lora_" in name)
+                return
+            # Fresh adapters at fit start and after every merge (MergeCallback folds them into the weights first).
             inject_lora(self.model, self.hparams.lora_rank, self.hparams.lora_alpha, self.hparams.lora_dropout, self.hparams.lora_targets)
             return
         if mode == "all":

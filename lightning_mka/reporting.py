@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import resource
+import sys
 from pathlib import Path
 
 import torch
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

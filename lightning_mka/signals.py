@@ -1,8 +1,10 @@
 """Stopping cleanly: SIGTERM / SIGINT end a run with one line, and a DDP rank whose peer died exits instead of hanging.
 
 ``install()`` (the CLI calls it first) turns SIGTERM and SIGINT into ``Stopped``, an exception raised where the run
-is: every write is atomic (temp path + rename, the temp removed on any exception), so nothing half-written stays, and
-finished work (merges in the progress file, epochs in checkpoints) is kept. The CLI prints
+is: every write of ours is atomic (temp path + rename, the temp removed on any exception), so nothing half-written
+stays, and finished work (merges in the progress file, epochs in checkpoints) is kept. Lightning writes checkpoints
+through an fsspec transaction (a temp file, then a move): atomic when ``$TMPDIR`` is on the checkpoint's file system, a
+copy otherwise, which a stop can cut short (keep ``$TMPDIR`` on that file system for multi-GB checkpoints). The CLI prints
 ``error: stopped by SIGTERM during <phase>; <what is saved>; rerun the same command to resume`` and exits with 128 +
 the signal number. Lightning installs its own SIGTERM handler while a trainer runs (it only stops between training
 batches and broadcasts on rank 0, which can block); ``FaultGuard`` puts ours back when each stage starts.
@@ -18,13 +20,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from lightning_mka.errors import exception_chain
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PEER_DIED_STATUS = 1
-_state: dict = {"phase": "start-up", "progress_file": None, "merges": 0, "checkpoint": None}
+STOPPED_PEER_GRACE_S = 30.0  # how long rank 0 waits for its own stop after a peer stopped on a signal
+_state: dict = {"phase": "start-up", "progress_file": None, "merges": 0, "checkpoint": None, "export": None}
 
 
 class Stopped(BaseException):
@@ -41,31 +45,48 @@ def set_phase(phase: str) -> None:
 
 
 def set_resume_hint(**hint) -> None:
-    """What a rerun resumes from: ``progress_file`` + ``merges``, or ``checkpoint``."""
+    """What a rerun resumes from: ``progress_file`` + ``merges``, or ``checkpoint``; or ``export``: the finished one."""
     _state.update(hint)
 
 
 def reset() -> None:
     """A fresh state for a new run (the CLI calls it first: several runs may share one process, e.g. in tests)."""
-    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, reported=False)
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, export=None, reported=False, stopping=0)
     for watch in _watches:
         watch.stop()
     _watches.clear()
 
 
+_ignored_while_stopping: set[int] = set()  # signals we set to SIG_IGN ourselves (a parent's SIG_IGN is respected)
+
+
 def _raise_stopped(signum, _frame) -> None:
+    _state["stopping"] = int(signum)
     for other in STOP_SIGNALS:  # a second signal while stopping does not interrupt the clean-up
         signal.signal(other, signal.SIG_IGN)
+        _ignored_while_stopping.add(other)
     raise Stopped(signum)
 
 
 def install() -> None:
-    """SIGTERM and SIGINT raise ``Stopped`` (main thread only; a no-op elsewhere)."""
+    """SIGTERM and SIGINT raise ``Stopped`` (main thread only; a no-op elsewhere). A signal that the parent process
+    ignores (``nohup``) stays ignored; one that an earlier stop in this process ignored is taken back."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        if signal.getsignal(signum) is not signal.SIG_IGN or signum in _ignored_while_stopping:
             signal.signal(signum, _raise_stopped)
+            _ignored_while_stopping.discard(signum)
+
+
+def reports_stops() -> bool:
+    """Whether this process prints the stop line: DDP rank 0, or a rank whose rank 0 is gone. A Ctrl-C or a
+    ``timeout`` / ``scancel`` signals every rank; rank 0 reports for all (or its peer watch names the one rank stopped)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        return True
+    return not any(watch.parent_alive() for watch in _watches)
 
 
 def _checkpoint() -> str | None:
@@ -76,6 +97,8 @@ def _checkpoint() -> str | None:
 def saved_work() -> str:
     if _checkpoint():
         return f"the last checkpoint is {_checkpoint()}"
+    if _state.get("export"):
+        return f"the export {_state['export']} is complete"
     if _state.get("progress_file") is not None and _state.get("merges"):
         return f"{_state['merges']} finished merge(s) saved in {_state['progress_file']}"
     return "no finished merge or epoch to keep"
@@ -84,6 +107,8 @@ def saved_work() -> str:
 def rerun_hint() -> str:
     if _checkpoint():
         return "rerun the same command with --ckpt_path last (or that file) to resume"
+    if _state.get("export"):
+        return "what followed it (quantization, lm-eval) can run on it: `lightning-mka validate --model.model <the export>`"
     return "rerun the same command to resume"
 
 
@@ -141,25 +166,45 @@ class PeerWatch:
     def stop(self) -> None:
         self._stop.set()
 
-    def _dead_peer(self) -> str | None:
+    def parent_alive(self) -> bool:
+        return self.rank == 0 or os.getppid() == self.parent
+
+    def _dead_peer(self) -> tuple[str, bool] | None:
+        """The line for a rank that is gone, and whether it stopped on SIGINT / SIGTERM (exit status 128 + N)."""
         if self.rank == 0:
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
                 if code is not None and code != 0:
-                    return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}"
+                    return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}", code in {128 + int(s) for s in STOP_SIGNALS}
             return None
         if os.getppid() != self.parent:
-            return f"DDP rank 0 (pid {self.parent}) exited"
+            return f"DDP rank 0 (pid {self.parent}) exited", False
         return None
 
     def _run(self) -> None:
+        waiting_since = None
         while not self._stop.wait(self.interval):
-            dead = self._dead_peer()
-            if dead and not self._stop.is_set() and not _state.get("reported"):
-                _state["reported"] = True
-                print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
-                      f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
-                os._exit(PEER_DIED_STATUS)
+            found = self._dead_peer()
+            if found is None:
+                continue
+            dead, peer_stopped = found
+            if peer_stopped or _state.get("stopping"):
+                # A Ctrl-C or a `timeout` reaches every rank: this rank's own stop reports (its handler runs when the
+                # current operation returns). Only a rank still running, or stuck in its clean-up, after the grace
+                # period exits from here.
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since < STOPPED_PEER_GRACE_S:
+                    continue
+            if self._stop.is_set() or _state.get("reported"):
+                continue
+            _state["reported"] = True
+            if _state.get("stopping"):  # stopped, but the clean-up waits for the rank that is gone
+                if reports_stops():
+                    print(f"error: {stop_message(Stopped(_state['stopping']))}", file=sys.stderr, flush=True)
+                os._exit(128 + int(_state["stopping"]))
+            print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
+                  f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
+            os._exit(PEER_DIED_STATUS)
 
 
 _watches: list[PeerWatch] = []

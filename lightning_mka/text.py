@@ -180,13 +180,17 @@ def read_mmlu_jsonl(path: Path) -> list[MMLUQuestion]:
 def split_mmlu(
     questions: list[MMLUQuestion], calibration_per_topic: int = MMLU_CALIBRATION_PER_TOPIC
 ) -> dict[str, list[MMLUQuestion]]:
-    """Fixed split: the first ``calibration_per_topic`` questions of every topic calibrate, the rest evaluate."""
+    """Fixed split: the first ``calibration_per_topic`` questions of every topic calibrate (and are the few-shot
+    examples), the rest evaluate, less the copies of a calibration question (the dataset repeats a few: one would be
+    shown with its answer in its own prompt)."""
     seen: dict[str, int] = {}
     split: dict[str, list[MMLUQuestion]] = {"calibration": [], "evaluation": []}
     for q in questions:
         k = seen.get(q.topic, 0)
         seen[q.topic] = k + 1
         split["calibration" if k < calibration_per_topic else "evaluation"].append(q)
+    calibration = {(q.topic, q.question, q.choices) for q in split["calibration"]}
+    split["evaluation"] = [q for q in split["evaluation"] if (q.topic, q.question, q.choices) not in calibration]
     return split
 
 

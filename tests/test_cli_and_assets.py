@@ -159,3 +159,66 @@ def test_mps_is_never_chosen_for_float64_solves(tmp_path, tiny_model_dir):
     proc = cli("validate", "--model.model", str(tiny_model_dir), "--trainer.accelerator", "mps", cwd=run_dir)
     assert_one_line_error(proc, "trainer.accelerator mps cannot run the float64 solves of the merge; use --trainer.accelerator cpu")
     assert list(run_dir.iterdir()) == []
+
+
+def test_a_trainer_option_that_cannot_work_is_one_line(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    from conftest import write_config
+
+    config = write_config(tmp_path / "t.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
+    proc = cli("validate", "--config", str(config), "--trainer.strategy", "ddpx", cwd=tmp_path)
+    assert_one_line_error(proc, "trainer: You selected an invalid strategy name")
+    assert "fix --trainer.accelerator / --trainer.devices / --trainer.strategy" in proc.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_permission_error_is_not_called_a_full_disk():
+    import errno
+
+    from lightning_mka.cli import failed_write
+
+    line = failed_write(PermissionError(errno.EACCES, "Permission denied", "/data/model/model.safetensors"))
+    assert line.startswith("cannot access '/data/model/model.safetensors' (Permission denied); make the inputs readable") and "free space" not in line
+
+
+def test_a_read_only_cache_that_holds_the_assets_is_used(offline_cache, monkeypatch):
+    """A cache fetched once onto a read-only volume: the lock file cannot be created, and nothing needs building."""
+    import builtins
+    import errno
+
+    source = os.path.expanduser("~/.cache/lightning_mka/raw/lee_background.cor")
+    if not os.path.exists(source):
+        pytest.skip("run `lightning-mka-assets fetch` first")
+    raw = offline_cache / "raw" / "lee_background.cor"
+    raw.parent.mkdir(parents=True)
+    shutil.copy(source, raw)
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    assert assets.asset_path("lee") == raw
+
+
+def test_a_hand_placed_file_with_the_wrong_checksum_is_named_when_removed(offline_cache):
+    raw = offline_cache / "raw" / "lee_background.cor"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("not the corpus")
+    with pytest.raises(MKAError, match=f"the file that was at {raw} had sha256 [0-9a-f]{{64}}, not [0-9a-f]{{64}}, and was removed"):
+        assets.asset_path("lee")
+
+
+def test_peak_memory_is_in_megabytes_on_macos_too(monkeypatch):
+    import resource
+    import sys
+    from types import SimpleNamespace
+
+    from lightning_mka.reporting import peak_rss_mb
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**30 if sys.platform == "darwin" else 3 * 2**20))
+    assert peak_rss_mb() == 3072.0
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**30))  # bytes there
+    assert peak_rss_mb() == 3072.0

@@ -296,6 +296,88 @@ def test_ddp_rank_killed_the_other_exits_with_one_line(tmp_path, tiny_model_dir,
     assert line.startswith("error: ") and "DDP rank" in line and "rerun the same command to resume" in line, proc.stderr[-3000:]
 
 
+def test_ctrl_c_to_every_ddp_rank_is_one_stop_line_and_the_stop_status(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Ctrl-C, `timeout` and `scancel` signal every rank: one line (rank 0's), exit 130, not one line per rank or
+    rank 0's peer watch reporting the other rank's clean stop as a death (exit 1)."""
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
+    proc = cli(config, tmp_path, "phase=merge 2,signal=INT", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", timeout=240)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: stopped by SIGINT during merge 2; 1 finished merge(s) saved in"), proc.stderr[-3000:]
+
+
+WATCH_SCRIPT = """
+import subprocess, sys, time
+from lightning_mka import signals
+signals.STOPPED_PEER_GRACE_S = {grace}
+signals.reset(); signals.set_phase("merge 2")
+peer = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit({code})"])
+signals.PeerWatch(0, [peer], interval=0.1).start()
+{stopping}
+time.sleep(2.0)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("code, grace, stopping, expected", [
+    (1, 30, "", "exit 1"),  # a peer that failed: this rank reports it and exits at once
+    (130, 30, "", "running"),  # a peer stopped by Ctrl-C: this rank's own stop is on its way, so wait for it
+    (130, 0.3, "", "exit 1"),  # ... but not forever: only that peer was stopped
+    (1, 30, "signals._state['stopping'] = 15", "running"),  # this rank is stopping: its main thread reports
+])
+def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, grace, stopping, expected):
+    script = WATCH_SCRIPT.format(grace=grace, code=code, stopping=stopping)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    if expected == "running":
+        assert proc.returncode == 0 and proc.stdout.strip() == "still running" and proc.stderr == "", proc.stderr
+    else:
+        assert proc.returncode == 1 and "still running" not in proc.stdout, proc.stderr
+        assert proc.stderr.strip().startswith("error: DDP rank 1 (pid ") and f"exited with status {code} during merge 2" in proc.stderr
+
+
+def test_a_stop_does_not_leave_the_signals_ignored_for_the_next_run():
+    from lightning_mka import signals
+
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        signals.install()
+        with pytest.raises(signals.Stopped):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what a SIGTERM runs
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # while this run stops, a second signal waits
+        signals.reset()
+        signals.install()
+        assert all(signal.getsignal(s) is signals._raise_stopped for s in signals.STOP_SIGNALS)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored by the parent (nohup): stays ignored
+        signals.install()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        signals.reset()
+
+
+def test_a_finished_export_is_what_a_later_stop_reports(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """After the export, a stop (during quantization, lm-eval) no longer points at the deleted progress file."""
+    import lightning as L
+
+    from lightning_mka import signals
+    from lightning_mka.callbacks import MergeCallback
+    from lightning_mka.datamodules import CalibrationDataModule
+    from lightning_mka.module import MKAModule
+
+    signals.reset()
+    export = tmp_path / "export"
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=8, seq_len=32, batch_size=4,
+                                 eval_texts=[str(tiny_heldout)], eval_samples=4)
+    merge = MergeCallback(target_layers=5, num_points=128, export_dir=str(export))
+    L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False, callbacks=[merge]).validate(
+        MKAModule(model=str(tiny_model_dir)), datamodule=data)
+    assert (export / "config.json").exists() and not (tmp_path / "export.mka-progress.json").exists()
+    line = signals.stop_message(signals.Stopped(signal.SIGTERM))
+    assert f"the export {export.resolve()} is complete" in line and "merge(s) saved in" not in line, line
+    signals.reset()
+
+
 def test_long_text_pieces_cover_the_text_without_splitting_words():
     from lightning_mka.datamodules.calibration import text_pieces
 

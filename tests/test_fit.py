@@ -10,9 +10,9 @@ from lightning_mka.module import MKAModule
 from lightning_mka.surgery import decoder_stack
 
 
-def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None, merged_lr_scale=1.0):
+def fit(model_dir, corpus, heldout, root, max_epochs, ckpt_path=None, merged_lr_scale=1.0, trainable="all"):
     L.seed_everything(0)
-    module = MKAModule(model=str(model_dir), learning_rate=1e-3, merged_lr_scale=merged_lr_scale)
+    module = MKAModule(model=str(model_dir), learning_rate=1e-3, merged_lr_scale=merged_lr_scale, trainable=trainable)
     data = CalibrationDataModule(tokenizer=str(model_dir), calibration=str(corpus), calibration_samples=8, train_samples=12, seq_len=32,
                                  batch_size=4, eval_texts=[str(heldout)], eval_samples=4)
     callback = MergeCallback(target_layers=3, num_points=128, merges_per_validation=1)
@@ -39,6 +39,26 @@ def test_stopped_and_resumed_fit_equals_an_uninterrupted_one(merged_lr_scale, ti
     assert len(trainer.optimizers[0].param_groups) == (2 if merged_lr_scale != 1.0 else 1)
     resumed, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=5, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"),
                      merged_lr_scale=merged_lr_scale)
+    assert resumed.merge_plan == straight.merge_plan
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resumed_lora_fit_keeps_its_trained_adapters(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
+    """Stopped after the merges, while the adapters train: the resumed fit continues those adapters and their Adam
+    state (it used to fold them into the weights and inject new ones, which then took the old adapters' moments)."""
+    from lightning_mka.finetuning import has_lora
+
+    straight, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "a", max_epochs=6, trainable="lora")
+    first, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=4, trainable="lora")
+    checkpoint = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
+    trained = [v for k, v in checkpoint["state_dict"].items() if ".lora_B" in k]
+    assert len(first.merge_plan) == 3 and trained and any(v.abs().sum() > 0 for v in trained)  # stopped with the adapters mid-training
+    assert not has_lora(first.model)  # (folded at the end of each fit)
+    resumed, _ = fit(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "b", max_epochs=6, trainable="lora",
+                     ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     assert resumed.merge_plan == straight.merge_plan
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()

@@ -47,6 +47,20 @@ def test_samples_follow_the_model_distribution():
     assert texts == ["w7", "w7"]
 
 
+def test_settings_shipped_in_the_generation_config_do_not_reshape_the_samples():
+    """Plain ancestral sampling whatever the model's generation_config.json says (an instruct model may ship a
+    repetition penalty); the shipped config is back in place afterwards."""
+    model, tokenizer = _model_and_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a peaked distribution, which a repetition penalty visibly reshapes
+    plain = sample_texts(model, tokenizer, count=4, new_tokens=30, batch_size=2, seed=0)
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 2
+    shipped = model.generation_config
+    assert sample_texts(model, tokenizer, count=4, new_tokens=30, batch_size=2, seed=0) == plain
+    assert model.generation_config is shipped and shipped.repetition_penalty == 1.3
+
+
 def test_sampling_rejects_bad_arguments():
     model, tokenizer = _model_and_tokenizer()
     with pytest.raises(MKAError, match="temperature must be > 0"):

@@ -10,6 +10,7 @@ import torch
 from conftest import WORDS, tiny_model
 from lightning_mka.datamodules.calibration import tokenize_mmlu
 from lightning_mka.evaluation import Evaluator, continuation_logprobs
+from lightning_mka.errors import MKAError
 from lightning_mka.text import LETTERS, MMLUQuestion, mmlu_letter_prompt
 
 pytest.importorskip("lm_eval")
@@ -63,6 +64,27 @@ def test_lm_eval_and_our_mmlu_agree_question_by_question(tmp_path):
     assert ours == theirs and len(set(ours)) > 1  # not a degenerate model that always says the same letter
     assert per_question_correct(output) == [p == q.answer for p, q in zip(ours, questions)]
     assert task_metrics(output)["lm_eval/mka_mmlu/acc"] == pytest.approx(our_accuracy)
+
+
+def test_the_harness_leaves_the_global_generators_as_it_found_them(tmp_path):
+    """lm-eval seeds Python's, NumPy's and torch's generators; a run's later draws (LoRA adapters after a merge) must
+    not depend on whether it ran."""
+    import random
+
+    model = tiny_model("llama", layers=2, vocab_size=160)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    run_harness(model, letter_tokenizer(), [mmlu_task(synthetic_questions()[:2], tmp_path)])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_an_unknown_lm_eval_task_is_refused_when_the_callback_is_built():
+    from lightning_mka.callbacks import LMEvalCallback
+
+    with pytest.raises(MKAError, match=r"lm-eval does not know the task\(s\) \['hellaswg'\] \('hellaswg': did you mean 'hellaswag'\?\); list them with `lm-eval ls tasks`"):
+        LMEvalCallback(tasks=["mka_mmlu", "hellaswg"])
+    assert LMEvalCallback(tasks=["mka_mmlu", "hellaswag"]).tasks == ["mka_mmlu", "hellaswag"]
 
 
 def test_lm_eval_callback_measures_before_and_after_compression(tmp_path, tiny_corpus, tiny_heldout, monkeypatch, capsys):

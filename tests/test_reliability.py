@@ -23,6 +23,7 @@ def tree_digest(root):
 def test_disk_full_during_export_keeps_the_previous_export(tmp_path, monkeypatch):
     target = tmp_path / "export"
     target.mkdir()
+    (target / "config.json").write_text("{}")  # a previous export (overwrite replaces nothing else)
     (target / "previous.txt").write_text("the last good export")
     model = tiny_model("llama", layers=2)
 
@@ -34,13 +35,14 @@ def test_disk_full_during_export_keeps_the_previous_export(tmp_path, monkeypatch
     with pytest.raises(MKAError, match="failed \\(No space left on device\\); free space or choose another export_dir") as info:
         export_pretrained(model, tiny_tokenizer(), target, overwrite=True)
     assert "\n" not in str(info.value)
-    assert [p.name for p in target.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "previous.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp dir left behind
 
 
 def test_export_replaces_atomically_when_overwriting(tmp_path):
     target = tmp_path / "export"
     target.mkdir()
+    (target / "config.json").write_text("{}")
     (target / "stale.txt").write_text("old")
     export_pretrained(tiny_model("llama", layers=2), tiny_tokenizer(), target, overwrite=True)
     names = {p.name for p in target.iterdir()}
@@ -64,6 +66,50 @@ def test_export_that_never_lands_is_an_error_not_a_silent_success(tmp_path, monk
         export_pretrained(tiny_model("llama", layers=2), tiny_tokenizer(), target)
     assert "free space" not in str(raised.value)  # a race, not a full disk
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_a_previous_export_or_an_empty_dir(tmp_path, monkeypatch):
+    """``overwrite: true`` with export_dir pointing at a directory of other files (a project, ~/models, '.') used to
+    move it aside and delete it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("a week of work")
+    model, tokenizer = tiny_model("llama", layers=2), tiny_tokenizer()
+    with pytest.raises(MKAError, match="holds files but no model \\(no config.json\\); overwrite: true replaces only a previous export or an empty directory"):
+        export_pretrained(model, tokenizer, project, overwrite=True)
+    monkeypatch.chdir(project)
+    with pytest.raises(MKAError, match="export dir '.' holds files but no model"):
+        check_export_dir(".", overwrite=True)
+    with pytest.raises(MKAError, match="is a file system root"):
+        check_export_dir("/", overwrite=True)
+    assert [p.name for p in project.iterdir()] == ["notes.txt"] and (project / "notes.txt").read_text() == "a week of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (export_pretrained(model, tokenizer, empty, overwrite=True) / "config.json").exists()
+    monkeypatch.chdir(tmp_path / "empty")  # '.' that is a previous export: replaced, with its temp dirs beside it
+    export_pretrained(model, tokenizer, ".", overwrite=True)
+    assert (tmp_path / "empty" / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "project"]
+
+
+def test_a_stop_between_the_two_renames_puts_the_previous_export_back(tmp_path, monkeypatch):
+    from lightning_mka.signals import Stopped
+
+    target = tmp_path / "export"
+    export_pretrained(tiny_model("llama", layers=2, seed=1), tiny_tokenizer(), target)
+    before = tree_digest(target)
+    real_replace = os.replace
+
+    def stop_after_moving_aside(src, dst):
+        if os.fspath(dst) == os.fspath(target) and ".old-" not in os.path.basename(src):  # the new export's rename into place
+            raise Stopped(15)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stop_after_moving_aside)
+    with pytest.raises(Stopped):
+        export_pretrained(tiny_model("llama", layers=2, seed=2), tiny_tokenizer(), target, overwrite=True)
+    monkeypatch.undo()
+    assert tree_digest(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # neither the new temp dir nor the old one is left
 
 
 def test_unwritable_export_dir(tmp_path, monkeypatch):

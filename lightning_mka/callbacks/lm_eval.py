@@ -16,7 +16,8 @@ from lightning_mka.errors import MKAError
 from lightning_mka.execution import offloads_to_disk
 from lightning_mka.export import write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
-from lightning_mka.harness import LOCAL_MMLU, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
+from lightning_mka.harness import LOCAL_MMLU, check_task_names, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
+from lightning_mka.signals import set_phase
 
 
 class LMEvalCallback(Callback):
@@ -44,6 +45,7 @@ class LMEvalCallback(Callback):
         if mmlu_per_topic < 1 or batch_size < 1:
             raise MKAError(f"LMEvalCallback: mmlu_per_topic and batch_size must be >= 1, got {mmlu_per_topic} and {batch_size}")
         require_lm_eval()
+        check_task_names(self.tasks)
         self.mmlu_per_topic = mmlu_per_topic
         self.batch_size = batch_size
         self.limit = limit
@@ -76,6 +78,7 @@ class LMEvalCallback(Callback):
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
             tick = time.perf_counter()
+            set_phase(f"lm-eval on the {label} model")
             rank_zero_info(f"[mka] lm-eval on the {label} model: {', '.join(self.tasks)}")
             with tempfile.TemporaryDirectory(prefix="mka-lm-eval-") as directory:
                 tasks = [mmlu_task(local_mmlu_questions(self.mmlu_per_topic), directory) if t == LOCAL_MMLU else t for t in self.tasks]

@@ -629,5 +629,7 @@ class MergeCallback(Callback):
             self._results = results
             if self.progress_file is not None:
                 self.progress_file.unlink(missing_ok=True)  # finished: nothing left to resume
+            set_resume_hint(progress_file=None, merges=0, export=str(Path(self.export_dir).resolve()) if self.export_dir else None)
+            set_phase("the summary after the merges")
             print_summary(results, out)
         trainer.strategy.barrier("mka_finish")

@@ -19,7 +19,7 @@ from lightning_mka.errors import MKAError
 from lightning_mka.execution import executor_of
 from lightning_mka.export import check_export_dir, export_pretrained, models_read_by, write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
-from lightning_mka.signals import clean_stale_temps
+from lightning_mka.signals import clean_stale_temps, set_phase
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
 
@@ -141,6 +141,7 @@ class QuantizeCallback(Callback):
         if self._done:
             return
         self._done = True
+        set_phase(f"quantization ({', '.join(self.modes)})")
         merge = self._merge_callback(trainer)
         # The merged export only if this run wrote it: a dir left by an earlier run at that path is another model.
         merged_export = merge.export_dir if merge is not None and merge._finished else None

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mka.assets import ASSETS, asset_path
+from lightning_mka.assets import ASSETS, TEXT_ASSETS, asset_cache_file, asset_path
 from lightning_mka.datamodules.sources import check_asset_role, iter_texts, local_source
 from lightning_mka.errors import MKAError
 from lightning_mka.loading import check_seq_len
@@ -163,15 +163,23 @@ def tokenize_mmlu(
     return items
 
 
-def text_read_by(source: str | None) -> set:
-    """What a text source reads, for the overlap checks: its resolved files (a directory or glob by its files), a hub
-    dataset's (name, split); nothing for an asset (its roles read disjoint splits) or no source."""
-    if source is None or source in ASSETS:
+def text_read_by(source: str | None, role: str = "calibration") -> set:
+    """What a text source reads in ``role``, for the overlap checks: an asset's split (calibration and training read
+    its calibration split, evaluation its held-out one), a local source's resolved files (a directory or glob by its
+    files), a hub dataset's (name, split); nothing for no source."""
+    if source is None:
         return set()
+    if source in ASSETS:
+        return {("asset", source, "calibration" if role == "calibration" else "evaluation")}
     if source.startswith("hf:"):
         name, _, split = source[3:].partition("@")
         return {("hf", name, split or "train")}
-    return {str(Path(f).resolve()) for f in local_source(source)[0]}
+    files = {str(Path(f).resolve()) for f in local_source(source)[0]}
+    for name in TEXT_ASSETS:
+        if str(asset_cache_file(name).resolve()) in files:  # read as a file, every split of it: name the asset instead
+            raise MKAError(f"data source {source!r} is the cache file of the {name!r} asset, which holds its held-out text too; "
+                           f"use the asset name {name!r} (it reads the split of its role)")
+    return files
 
 
 class CalibrationDataModule(L.LightningDataModule):
@@ -246,21 +254,21 @@ class CalibrationDataModule(L.LightningDataModule):
         # writes a log directory.
         roles = [("data.calibration", calibration, "calibration"), ("data.train_text", train_text, "calibration"),
                  *(("data.eval_texts", text, "evaluation") for text in eval_texts)]
-        reads: dict[str | None, set] = {None: set()}  # what each source reads (text_read_by), for the overlap checks
+        reads: dict[tuple, set] = {}  # what each source reads in its role (text_read_by), for the overlap checks
         for what, source, role in roles:
             if source is None:
                 continue
             if source in ASSETS:
                 check_asset_role(source, role, what)
-            reads[source] = text_read_by(source)  # a missing local source fails here
+            reads[(source, role)] = text_read_by(source, role)  # a missing local source fails here
         # Assets read their calibration split for calibration and training and their evaluation split for evaluation
         # (disjoint); a file is one text, so it can serve only one of the roles. Sources are compared by what they
         # read (files resolved, a directory or glob by its files, a hub dataset by its split), not by how they are written.
-        calibration_reads, train_reads = reads[calibration], reads[train_text]
+        calibration_reads, train_reads = reads.get((calibration, "calibration"), set()), reads.get((train_text, "calibration"), set())
         for text in eval_texts:
-            if calibration_reads & reads[text]:
+            if calibration_reads & reads[(text, "evaluation")]:
                 raise MKAError(f"calibration source {calibration!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; use different files")
-            if train_reads & reads[text]:
+            if train_reads & reads[(text, "evaluation")]:
                 raise MKAError(f"data.train_text {train_text!r} is also in data.eval_texts (as {text!r}, the same text): evaluation must be held out; train on other text")
         if train_reads & calibration_reads:
             raise MKAError(f"data.train_text {train_text!r} is the calibration source: training would start on the calibration sequences; "
@@ -341,6 +349,8 @@ class CalibrationDataModule(L.LightningDataModule):
             ids = pack_sequences(iter_texts(name, "evaluation", self.text_field), self.tokenizer, self.seq_len, self.eval_samples)
             if len(ids) == 0:
                 raise MKAError(f"evaluation text {name!r} yielded no text; remove it from data.eval_texts or fix the source")
+            if len(ids) < self.eval_samples:  # perplexities over fewer tokens than asked for: say so, as for calibration
+                rank_zero_warn(f"evaluation text {name!r} holds only {len(ids)} of {self.eval_samples} sequences of {self.seq_len} tokens")
             self.eval_ids[name] = ids
         if self.mmlu_per_topic:
             split = split_mmlu(read_mmlu_jsonl(asset_path("mmlu")))

@@ -28,8 +28,10 @@ ASSET_ROLES = {"wiki": ("calibration", "evaluation"), "lee": ("evaluation",), "m
 
 
 def check_asset_role(name: str, role: str, what: str = "text") -> None:
-    """One line when a text asset is used in a role it cannot play (cheap: the datamodule checks before a run)."""
-    if role in ASSET_ROLES.get(name, (role,)):
+    """One line when an asset is used in a role it cannot play (cheap: the datamodule checks before a run)."""
+    if name not in ASSET_ROLES:
+        raise MKAError(f"{what} {name!r} is a model asset, not a text; use wiki, lee or mmlu, or your own files")
+    if role in ASSET_ROLES[name]:
         return
     if role == "calibration":
         raise MKAError(f"{what} {name!r} is held out for evaluation only; use 'wiki', 'mmlu' or your own files")
