@@ -164,8 +164,11 @@ def _cache_lock() -> Iterator[None]:
     except OSError as err:
         if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not root.is_dir():
             raise
-        yield  # a read-only cache (pre-fetched on a shared volume): nothing can be built there, so nothing to lock
-        return
+        try:  # another user's lock file in a shared cache: flock works on a read-only descriptor too
+            lock = open(root / ".lock")
+        except OSError:
+            yield  # a read-only cache (pre-fetched on a shared volume): nothing can be built there, so nothing to lock
+            return
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -120,7 +120,7 @@ class MKACLI(LightningCLI):
         except MKAError:
             raise
         except (MisconfigurationException, ValueError) as err:  # an accelerator that is not there, a misspelt strategy, devices: 0
-            raise MKAError(f"trainer: {first_line(err)}; fix --trainer.accelerator / --trainer.devices / --trainer.strategy") from None
+            raise MKAError(f"trainer: {first_line(err)}; fix that trainer option (e.g. --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
         # Refused here, in the launching process, before any rank starts: one line, nothing written.
         if isinstance(self.model, MKAModule):
             self.model.refuse_under_sharding(trainer.strategy)
@@ -236,6 +236,13 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        stopping = signals.stopping_signal()
+        if stopping and find_mka_error(err) is None:
+            # The signal arrived while a collective waited (its handler runs when the main thread returns) and the
+            # collective failed first, as the peers stopped too: this is the stop, not a failure of its own.
+            if signals.reports_stops() and not signals.stop_watches():
+                print(f"error: {signals.stop_message(signals.Stopped(stopping))}", file=sys.stderr, flush=True)
+            return 128 + stopping
         cause = find_mka_error(err)
         line = str(cause) if cause is not None else failed_write(err)
         if line is None:

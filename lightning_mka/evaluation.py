@@ -94,8 +94,10 @@ def perplexity(nll_sum: float, count: float) -> float:
     """exp(mean NLL); ``inf`` past float range (a badly damaged model is reported, not a crash)."""
     if not count:
         return math.nan
-    mean = nll_sum / count
-    return math.exp(mean) if mean < 709.0 else math.inf
+    try:
+        return math.exp(nll_sum / count)  # NaN stays NaN (a numerically broken model)
+    except OverflowError:
+        return math.inf
 
 
 class Evaluator:

@@ -45,7 +45,7 @@ def export_placeholders(template: str) -> set[str]:
 def resolve_export_path(template: str, model: str, layers: int) -> str:
     """``exports/{model}-mka-{layers}L`` -> ``exports/smollm2-135m-mka-21L`` (a path without placeholders is kept)."""
     export_placeholders(template)
-    return template.format(model=model_name(model), layers=layers)
+    return os.path.expanduser(template.format(model=model_name(model), layers=layers))
 
 
 def models_read_by(pl_module) -> tuple[str | None, str | None]:
@@ -78,10 +78,15 @@ def replaces(export_dir: Path, inputs: tuple[str | None, ...]) -> str | None:
     return None
 
 
-def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> Path:
+def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | None, ...] = (), run_dir: str | os.PathLike | None = None) -> Path:
     """Validate an export target before any work is done. ``inputs``: the model sources the run reads (the model,
-    a teacher): an export never replaces one of them, ``overwrite`` or not."""
+    a teacher): an export never replaces one of them, ``overwrite`` or not. Neither the current directory nor
+    ``run_dir`` (where the run writes its logs and results) may lie inside it: replacing it would delete them."""
     path = Path(export_dir).expanduser()
+    targets = {Path(os.path.abspath(path)), path.resolve()}  # as written and through a symlink
+    for kept, what in ((Path.cwd().resolve(), "the current directory"), (Path(run_dir).resolve() if run_dir else None, f"the run dir {str(run_dir)!r}")):
+        if kept is not None and any(kept == target or target in kept.parents for target in targets):
+            raise MKAError(f"export dir {str(path)!r} holds {what}, whose logs and results an export would replace; choose a new export_dir such as exports/my-model")
     source = replaces(path, inputs)
     if source is not None:
         raise MKAError(f"export dir {str(path)!r} would replace {source!r}, a model this run reads; choose another export_dir (an export never overwrites its input)")
@@ -89,8 +94,6 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tup
         raise MKAError(f"export dir {str(path)!r} already exists; choose a new export_dir or set overwrite: true")
     if path.exists() and not path.is_dir():
         raise MKAError(f"export dir {str(path)!r} is a file; choose a directory path")
-    if Path(os.path.abspath(path)) == Path(os.path.abspath(path)).parent:
-        raise MKAError(f"export dir {str(path)!r} is a file system root; choose a directory path such as exports/my-model")
     if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
         # overwrite replaces a previous export, never a directory of other files (a project dir, ~/models, '.').
         raise MKAError(f"export dir {str(path)!r} holds files but no model (no config.json); overwrite: true replaces only a previous export or an "
@@ -195,7 +198,8 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     export untouched and removes the temp dir.
     """
     path = check_export_dir(export_dir, overwrite)
-    path = Path(os.path.abspath(path))  # '.' or 'out/..' has no name to build the sibling temp dirs from
+    # The directory a symlink names is replaced, not the link ('out/..' also needs its real name for the sibling temps).
+    path = path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
     set_phase(f"export to {path}")
     tmp = path.with_name(temp_prefix(path) + "new")
     renaming = False

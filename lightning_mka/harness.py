@@ -10,6 +10,7 @@ split of the ``mmlu`` asset, written to a local JSON file: it runs without a hub
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import ExitStack, contextmanager
@@ -105,17 +106,22 @@ def _global_rng_kept(device):
             np.random.set_state(numpy_state)
 
 
+@functools.lru_cache(maxsize=1)
+def _known_tasks() -> frozenset:
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)  # indexes every task YAML lm-eval ships: seconds, so once per process
+
+
 def check_task_names(tasks: list) -> None:
     """Task names lm-eval does not know, refused in one line before any work (lm-eval would fail after the run's
     compression, with a traceback). Indexing lm-eval's tasks takes seconds, so only names other than ours are looked up."""
-    names = [t for t in tasks if isinstance(t, str) and t != LOCAL_MMLU]
+    names = [t for t in tasks if isinstance(t, str) and t != LOCAL_MMLU and not Path(t).expanduser().exists()]  # a path: lm-eval loads its YAML
     if not names:
         return
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
-    known = set(TaskManager().all_tasks)
+    known = _known_tasks()
     unknown = [t for t in names if t not in known]
     if unknown:
         hints = {t: difflib.get_close_matches(t, known, n=1) for t in unknown}

@@ -21,11 +21,16 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def _looks_like_path(source: str) -> bool:
-    """A source that can only be meant as a local path: absolute or relative markers, a ``.gguf`` file, more than the
-    one slash of a hub id ``org/name``, or a first component that is a local directory (``exports/my-model``)."""
-    if source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source.count("/") > 1:
-        return True
-    return "/" in source and Path(source.split("/", 1)[0]).is_dir()
+    """A source that can only be meant as a local path: absolute or relative markers, a ``.gguf`` file, or more than
+    the one slash of a hub id ``org/name`` (``runs/exports/my-model``)."""
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source.count("/") > 1
+
+
+def _not_local(source: str) -> str:
+    """For a hub id that failed to load: say that no local path of that name exists either (``exports/my-model``
+    with a typo is read as a hub id)."""
+    first = source.split("/", 1)[0]
+    return f"no local path {source!r} exists" + (f" (the directory {first!r} does)" if Path(first).is_dir() else "")
 
 
 def resolve_model_source(source: str) -> tuple[str, dict]:
@@ -61,14 +66,19 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError) as err:
-        raise MKAError(f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0]}); check the path or hub id") from None
+        where_from = f"the hub id {source!r}; {_not_local(source)}" if where == source and not Path(where).exists() else repr(source)
+        raise MKAError(f"cannot load a tokenizer from {where_from} ({str(err).splitlines()[0]}); check the path or hub id") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_failed(source: str, err: BaseException) -> MKAError:
-    """Corrupt or truncated model files surface as OSError, SafetensorError, struct / gguf errors...: one line."""
+    """Corrupt or truncated model files surface as OSError, SafetensorError, struct / gguf errors...: one line. A hub
+    id that failed (unreachable hub, a typo in a local path read as ``org/name``) says so instead."""
+    if source not in ASSETS and "/" in source and not Path(source).expanduser().exists():
+        return MKAError(f"cannot load model {source!r} as a hub id ({type(err).__name__}: {first_line(err)}); {_not_local(source)}: check the path, "
+                        "or the hub id and the connection")
     return MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them")
 
 

@@ -27,7 +27,8 @@ from lightning_mka.errors import exception_chain
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PEER_DIED_STATUS = 1
-STOPPED_PEER_GRACE_S = 30.0  # how long rank 0 waits for its own stop after a peer stopped on a signal
+CLEANUP_GRACE_S = 30.0  # a stopping rank whose peer is gone: how long its own clean-up may take before the watch exits
+PEER_STOP_GRACE_S = 3.0  # a peer stopped on a signal: how long this rank waits to see the same signal before reporting it
 _state: dict = {"phase": "start-up", "progress_file": None, "merges": 0, "checkpoint": None, "export": None}
 
 
@@ -51,7 +52,8 @@ def set_resume_hint(**hint) -> None:
 
 def reset() -> None:
     """A fresh state for a new run (the CLI calls it first: several runs may share one process, e.g. in tests)."""
-    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, export=None, reported=False, stopping=0)
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, export=None, reported=False, stopping=0, forwarded=False)
+    signals_arrived()  # drain: signals of an earlier run in this process
     for watch in _watches:
         watch.stop()
     _watches.clear()
@@ -60,12 +62,66 @@ def reset() -> None:
 _ignored_while_stopping: set[int] = set()  # signals we set to SIG_IGN ourselves (a parent's SIG_IGN is respected)
 
 
+def note_stop(signum: int) -> None:
+    """This process is stopping on ``signum``; DDP rank 0 passes the signal on to the ranks it launched, so every
+    rank stops together whichever of them was signalled (once; a Ctrl-C has already reached them all)."""
+    if not _state.get("stopping"):
+        _state["stopping"] = int(signum)
+    if not _state.get("forwarded"):
+        _state["forwarded"] = True
+        for watch in list(_watches):
+            for proc in watch.procs:
+                try:
+                    if proc.poll() is None:
+                        proc.send_signal(signum)
+                except OSError:
+                    pass
+
+
+def stopping_signal() -> int:
+    """The stop signal this process received (0: none), also when its handler has not run yet."""
+    for signum in signals_arrived():
+        note_stop(signum)
+    return int(_state.get("stopping") or 0)
+
+
 def _raise_stopped(signum, _frame) -> None:
-    _state["stopping"] = int(signum)
     for other in STOP_SIGNALS:  # a second signal while stopping does not interrupt the clean-up
         signal.signal(other, signal.SIG_IGN)
         _ignored_while_stopping.add(other)
+    note_stop(signum)
     raise Stopped(signum)
+
+
+# Python runs a signal handler only when the main thread returns from C code (a forward pass, a collective). The
+# interpreter's C handler also writes the signal number to this pipe at once; the peer watch thread reads it, so a
+# rank knows it is stopping (and rank 0 passes the signal on) while its main thread is still busy.
+_wakeup: dict = {"read": None}
+
+
+def _install_wakeup() -> None:
+    if _wakeup["read"] is None:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        _wakeup.update(read=read, write=write)
+    try:
+        previous = signal.set_wakeup_fd(_wakeup["write"], warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return
+    if previous not in (-1, _wakeup["write"]):  # someone else's (an event loop): theirs stays
+        signal.set_wakeup_fd(previous)
+
+
+def signals_arrived() -> list[int]:
+    """The stop signals the process received since the last call (read from the wakeup pipe, any thread)."""
+    if _wakeup["read"] is None:
+        return []
+    try:
+        data = os.read(_wakeup["read"], 512)
+    except (BlockingIOError, OSError):
+        return []
+    return [b for b in data if b in {int(s) for s in STOP_SIGNALS}]
 
 
 def install() -> None:
@@ -77,16 +133,19 @@ def install() -> None:
         if signal.getsignal(signum) is not signal.SIG_IGN or signum in _ignored_while_stopping:
             signal.signal(signum, _raise_stopped)
             _ignored_while_stopping.discard(signum)
+    _install_wakeup()
 
 
 def reports_stops() -> bool:
-    """Whether this process prints the stop line: DDP rank 0, or a rank whose rank 0 is gone. A Ctrl-C or a
-    ``timeout`` / ``scancel`` signals every rank; rank 0 reports for all (or its peer watch names the one rank stopped)."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        return True
-    return not any(watch.parent_alive() for watch in _watches)
+    """Whether this process prints the stop line: DDP rank 0 only. A Ctrl-C or a ``timeout`` / ``scancel`` signals
+    every rank, and rank 0 passes a signal it alone got on to the others: it reports for all. (A rank whose rank 0
+    died unsignalled is reported by its peer watch.)"""
+    # Lightning's rank once a trainer set it (read, not imported: this may run in the watch thread), else the launcher's.
+    module = sys.modules.get("lightning_utilities.core.rank_zero")
+    rank = getattr(getattr(module, "rank_zero_only", None), "rank", None)
+    if rank is None:
+        rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+    return rank == 0
 
 
 def _checkpoint() -> str | None:
@@ -166,42 +225,47 @@ class PeerWatch:
     def stop(self) -> None:
         self._stop.set()
 
-    def parent_alive(self) -> bool:
-        return self.rank == 0 or os.getppid() == self.parent
-
-    def _dead_peer(self) -> tuple[str, bool] | None:
-        """The line for a rank that is gone, and whether it stopped on SIGINT / SIGTERM (exit status 128 + N)."""
+    def _dead_peer(self) -> tuple[str, int] | None:
+        """The line for a rank that is gone, and the signal it stopped on (exit status 128 + N; 0 otherwise)."""
         if self.rank == 0:
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
                 if code is not None and code != 0:
-                    return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}", code in {128 + int(s) for s in STOP_SIGNALS}
+                    stopped_on = code - 128 if code - 128 in {int(s) for s in STOP_SIGNALS} else 0
+                    return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}", stopped_on
             return None
         if os.getppid() != self.parent:
-            return f"DDP rank 0 (pid {self.parent}) exited", False
+            return f"DDP rank 0 (pid {self.parent}) exited", 0
         return None
 
     def _run(self) -> None:
         waiting_since = None
         while not self._stop.wait(self.interval):
+            for signum in signals_arrived():
+                note_stop(signum)
             found = self._dead_peer()
             if found is None:
                 continue
-            dead, peer_stopped = found
-            if peer_stopped or _state.get("stopping"):
-                # A Ctrl-C or a `timeout` reaches every rank: this rank's own stop reports (its handler runs when the
-                # current operation returns). Only a rank still running, or stuck in its clean-up, after the grace
-                # period exits from here.
+            dead, peer_signal = found
+            stopping = int(_state.get("stopping") or 0)
+            if stopping or peer_signal:
+                # Stopping: this rank's main thread reports (rank 0) or exits quietly, unless its clean-up outlasts
+                # the grace period waiting for the rank that is gone. A peer stopped on a signal this rank did not see
+                # (yet): a Ctrl-C reaches every rank, so wait a moment for it.
                 waiting_since = waiting_since or time.monotonic()
-                if time.monotonic() - waiting_since < STOPPED_PEER_GRACE_S:
+                if time.monotonic() - waiting_since < (CLEANUP_GRACE_S if stopping else PEER_STOP_GRACE_S):
                     continue
             if self._stop.is_set() or _state.get("reported"):
                 continue
             _state["reported"] = True
-            if _state.get("stopping"):  # stopped, but the clean-up waits for the rank that is gone
+            if stopping:
                 if reports_stops():
-                    print(f"error: {stop_message(Stopped(_state['stopping']))}", file=sys.stderr, flush=True)
-                os._exit(128 + int(_state["stopping"]))
+                    print(f"error: {stop_message(Stopped(stopping))}", file=sys.stderr, flush=True)
+                os._exit(128 + stopping)
+            if peer_signal:  # that rank alone was stopped: the run stops, as after a signal to this rank
+                print(f"error: {dead} (stopped by {signal.Signals(peer_signal).name}) during {_state['phase']}; rank {self.rank} stops too; "
+                      f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
+                os._exit(128 + peer_signal)
             print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
                   f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
             os._exit(PEER_DIED_STATUS)

@@ -296,43 +296,59 @@ def test_ddp_rank_killed_the_other_exits_with_one_line(tmp_path, tiny_model_dir,
     assert line.startswith("error: ") and "DDP rank" in line and "rerun the same command to resume" in line, proc.stderr[-3000:]
 
 
-def test_ctrl_c_to_every_ddp_rank_is_one_stop_line_and_the_stop_status(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
-    """Ctrl-C, `timeout` and `scancel` signal every rank: one line (rank 0's), exit 130, not one line per rank or
-    rank 0's peer watch reporting the other rank's clean stop as a death (exit 1)."""
+def test_a_stop_of_every_ddp_rank_is_one_line_and_the_stop_status(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Ctrl-C, `timeout` and `scancel` signal every rank: one line (rank 0's), exit 143, not one line per rank or
+    rank 0's peer watch reporting the other rank's clean stop as a death (exit 1). (SIGTERM, as `timeout` sends: a
+    shell that starts the tests in the background has SIGINT ignored, and a run keeps what its parent ignores.)"""
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
-    proc = cli(config, tmp_path, "phase=merge 2,signal=INT", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", timeout=240)
-    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    proc = cli(config, tmp_path, "phase=merge 2,signal=TERM", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: stopped by SIGINT during merge 2; 1 finished merge(s) saved in"), proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: stopped by SIGTERM during merge 2; 1 finished merge(s) saved in"), proc.stderr[-3000:]
 
 
 WATCH_SCRIPT = """
 import subprocess, sys, time
 from lightning_mka import signals
-signals.STOPPED_PEER_GRACE_S = {grace}
+signals.PEER_STOP_GRACE_S, signals.CLEANUP_GRACE_S = {grace}, {grace}
 signals.reset(); signals.set_phase("merge 2")
-peer = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit({code})"])
+peer = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep({sleep}); sys.exit({code})"])
 signals.PeerWatch(0, [peer], interval=0.1).start()
 {stopping}
 time.sleep(2.0)
-print("still running")
+print("still running", peer.poll())
 """
 
 
 @pytest.mark.parametrize("code, grace, stopping, expected", [
     (1, 30, "", "exit 1"),  # a peer that failed: this rank reports it and exits at once
     (130, 30, "", "running"),  # a peer stopped by Ctrl-C: this rank's own stop is on its way, so wait for it
-    (130, 0.3, "", "exit 1"),  # ... but not forever: only that peer was stopped
+    (130, 0.3, "", "exit 130"),  # ... but not forever: that rank alone was stopped, and the run stops
     (1, 30, "signals._state['stopping'] = 15", "running"),  # this rank is stopping: its main thread reports
+    (1, 0.3, "signals._state['stopping'] = 15", "exit 143"),  # ... unless its clean-up hangs on the rank that is gone
 ])
 def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, grace, stopping, expected):
-    script = WATCH_SCRIPT.format(grace=grace, code=code, stopping=stopping)
+    script = WATCH_SCRIPT.format(grace=grace, code=code, sleep=0, stopping=stopping)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     if expected == "running":
-        assert proc.returncode == 0 and proc.stdout.strip() == "still running" and proc.stderr == "", proc.stderr
+        assert proc.returncode == 0 and proc.stdout.startswith("still running") and proc.stderr == "", proc.stderr
+        return
+    status = int(expected.split()[1])
+    assert proc.returncode == status and "still running" not in proc.stdout, proc.stderr
+    line = proc.stderr.strip()
+    if status == 1:
+        assert line.startswith("error: DDP rank 1 (pid ") and f"exited with status {code} during merge 2; rank 0 stops too instead" in line
+    elif status == 130:
+        assert line.startswith("error: DDP rank 1 (pid ") and "exited with status 130 (stopped by SIGINT) during merge 2; rank 0 stops too;" in line
     else:
-        assert proc.returncode == 1 and "still running" not in proc.stdout, proc.stderr
-        assert proc.stderr.strip().startswith("error: DDP rank 1 (pid ") and f"exited with status {code} during merge 2" in proc.stderr
+        assert line == "error: stopped by SIGTERM during merge 2; no finished merge or epoch to keep; rerun the same command to resume"
+
+
+def test_rank_0_passes_a_stop_on_to_the_ranks_it_launched(tmp_path):
+    """A SIGTERM to rank 0 alone (``kill``, a scheduler signalling one process) stops every rank, together."""
+    script = WATCH_SCRIPT.format(grace=30, code=0, sleep=30, stopping="signals.note_stop(15); time.sleep(1.0); signals.stop_watches()")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "still running -15", (proc.stdout, proc.stderr)
 
 
 def test_a_stop_does_not_leave_the_signals_ignored_for_the_next_run():

@@ -77,18 +77,22 @@ def test_overwrite_replaces_only_a_previous_export_or_an_empty_dir(tmp_path, mon
     model, tokenizer = tiny_model("llama", layers=2), tiny_tokenizer()
     with pytest.raises(MKAError, match="holds files but no model \\(no config.json\\); overwrite: true replaces only a previous export or an empty directory"):
         export_pretrained(model, tokenizer, project, overwrite=True)
-    monkeypatch.chdir(project)
-    with pytest.raises(MKAError, match="export dir '.' holds files but no model"):
-        check_export_dir(".", overwrite=True)
-    with pytest.raises(MKAError, match="is a file system root"):
-        check_export_dir("/", overwrite=True)
     assert [p.name for p in project.iterdir()] == ["notes.txt"] and (project / "notes.txt").read_text() == "a week of work"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (export_pretrained(model, tokenizer, empty, overwrite=True) / "config.json").exists()
-    monkeypatch.chdir(tmp_path / "empty")  # '.' that is a previous export: replaced, with its temp dirs beside it
-    export_pretrained(model, tokenizer, ".", overwrite=True)
-    assert (tmp_path / "empty" / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "project"]
+    # Never the directory a run writes its logs into: '.', '..', '/', or one holding the run dir.
+    monkeypatch.chdir(empty)
+    for target in (".", "..", "/"):
+        with pytest.raises(MKAError, match=f"export dir '{target}' holds the current directory, whose logs and results an export would replace"):
+            check_export_dir(target, overwrite=True)
+    with pytest.raises(MKAError, match="holds the run dir"):
+        check_export_dir(tmp_path / "out", overwrite=True, run_dir=tmp_path / "out" / "runs" / "mka")
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "link"  # a symlinked export dir: the dir it names is replaced, the link stays
+    link.symlink_to(empty)
+    export_pretrained(model, tokenizer, link, overwrite=True)
+    assert link.is_symlink() and (empty / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "project"]
 
 
 def test_a_stop_between_the_two_renames_puts_the_previous_export_back(tmp_path, monkeypatch):

@@ -232,14 +232,20 @@ def test_perplexity_of_a_broken_model_is_infinite_not_a_crash():
     from lightning_mka.evaluation import perplexity
 
     assert perplexity(800.0, 1.0) == float("inf") and perplexity(2.0, 2.0) == pytest.approx(2.718281828)
+    assert perplexity(float("nan"), 1.0) != perplexity(float("nan"), 1.0)  # NaN (a numerically broken model) stays NaN
 
 
-def test_a_missing_relative_path_is_a_path_error_not_a_hub_lookup(tmp_path, monkeypatch):
-    from lightning_mka.loading import resolve_model_source
+def test_a_missing_relative_path_is_named_as_such(tmp_path, monkeypatch):
+    """Two slashes cannot be a hub id (a path error at once, not a minute of hub retries); one slash may be either
+    (``HuggingFaceTB/SmolLM2-135M`` next to a local ``HuggingFaceTB/`` dir), so it goes to the hub, and its failure
+    says that no local path of that name exists."""
+    from lightning_mka.loading import load_failed, resolve_model_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exports").mkdir()
-    for source in ("exports/my-model", "runs/exports/my-model"):
-        with pytest.raises(MKAError, match=f"model path '{source}' does not exist"):
-            resolve_model_source(source)
-    assert resolve_model_source("org/name") == ("org/name", {})  # a hub id stays one
+    with pytest.raises(MKAError, match="model path 'runs/exports/my-model' does not exist"):
+        resolve_model_source("runs/exports/my-model")
+    assert resolve_model_source("exports/my-model") == ("exports/my-model", {})
+    message = str(load_failed("exports/my-model", OSError("We couldn't connect to 'https://huggingface.co'")))
+    assert message == ("cannot load model 'exports/my-model' as a hub id (OSError: We couldn't connect to 'https://huggingface.co'); no local path "
+                       "'exports/my-model' exists (the directory 'exports' does): check the path, or the hub id and the connection")

@@ -47,9 +47,9 @@ class ExportCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         source = str(getattr(pl_module, "hparams", {}).get("model") or "model")
         self.export_dir = resolve_export_path(self.template, source, exported_depth(trainer, num_layers(pl_module.model)))
-        check_export_dir(self.export_dir, self.overwrite, inputs=models_read_by(pl_module))
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
         self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        check_export_dir(self.export_dir, self.overwrite, inputs=models_read_by(pl_module), run_dir=self._log_dir or trainer.default_root_dir)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -289,12 +289,12 @@ class MergeCallback(Callback):
         total = len(trainer.datamodule.calibration_dataloader())
         return lambda batches, desc: track(batches, desc, total=total, enabled=shown)
 
-    def _resolve_outputs(self, model: str, layers: int, inputs: tuple[str | None, ...] = ()) -> None:
+    def _resolve_outputs(self, model: str, layers: int, inputs: tuple[str | None, ...] = (), run_dir: Path | None = None) -> None:
         """The export dir and progress file from their templates; the export dir is checked for writing, and against
-        replacing one of ``inputs`` (the model sources the run reads)."""
+        replacing one of ``inputs`` (the model sources the run reads) or the run dir."""
         if self._export_template is not None:
             self.export_dir = resolve_export_path(self._export_template, model, layers)
-            check_export_dir(self.export_dir, self.overwrite, inputs)
+            check_export_dir(self.export_dir, self.overwrite, inputs, run_dir=run_dir)
         progress = self._progress_template
         if progress is None and self.export_dir is not None:
             progress = str(Path(self.export_dir).expanduser()) + ".mka-progress.json"
@@ -396,7 +396,7 @@ class MergeCallback(Callback):
         if self._target is None:
             self._target = resolve_target(depth, self.target_layers, self.compression_ratio, self.config.keep_first, self.config.keep_last)
             source = getattr(pl_module, "hparams", {}).get("model") or getattr(pl_module.model.config, "_name_or_path", "") or "model"
-            self._resolve_outputs(str(source), self._target, inputs=models_read_by(pl_module))
+            self._resolve_outputs(str(source), self._target, inputs=models_read_by(pl_module), run_dir=self._out_dir)
             if stage != "validate":
                 # A progress file resumes validate only. In fit, merges chosen after training steps cannot be replayed
                 # on a rerun's fresh weights, so fit neither reads nor writes one: its checkpoints carry the plan.
