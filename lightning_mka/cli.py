@@ -229,7 +229,7 @@ def main(args: list[str] | None = None) -> int:
             check_yaml_config(path)
         cli_main(args)
     except signals.Stopped as stopped:
-        if signals.reports_stops() and not signals.stop_watches():  # one line per run, not one per DDP rank
+        if signals.reports_stops() and signals.take_report():  # one line per run, not one per DDP rank
             print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
         return signals.stop_status(stopped)
     except MKAError as err:
@@ -240,7 +240,7 @@ def main(args: list[str] | None = None) -> int:
         if stopping and find_mka_error(err) is None:
             # The signal arrived while a collective waited (its handler runs when the main thread returns) and the
             # collective failed first, as the peers stopped too: this is the stop, not a failure of its own.
-            if signals.reports_stops() and not signals.stop_watches():
+            if signals.reports_stops() and signals.take_report():
                 print(f"error: {signals.stop_message(signals.Stopped(stopping))}", file=sys.stderr, flush=True)
             return 128 + stopping
         cause = find_mka_error(err)
@@ -249,13 +249,15 @@ def main(args: list[str] | None = None) -> int:
             peer = signals.peer_failure(err)
             if peer is None:
                 raise
-            if not signals.stop_watches():  # a peer watch may have said it already
-                print(f"error: {peer}", file=sys.stderr, flush=True)
-            return signals.PEER_DIED_STATUS
+            stopped = signals.stopped_peer()  # a rank stopped alone by a signal (gloo's collective fails at once)
+            if signals.take_report():  # unless a peer watch said it already
+                print(f"error: {stopped[0] if stopped else peer}", file=sys.stderr, flush=True)
+            return 128 + stopped[1] if stopped else signals.PEER_DIED_STATUS
         print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
         signals.stop_watches()
+        signals.release_wakeup()
     return 0
 
 

@@ -98,9 +98,11 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tup
         # overwrite replaces a previous export, never a directory of other files (a project dir, ~/models, '.').
         raise MKAError(f"export dir {str(path)!r} holds files but no model (no config.json); overwrite: true replaces only a previous export or an "
                        "empty directory: choose a new export_dir such as exports/my-model")
-    parent = writable_ancestor(path, f"export dir {str(path)!r}", "choose another export_dir")
-    clean_stale_temps(parent, f".{path.name}.")  # temp dirs of an export killed by SIGKILL
-    return path
+    # A symlinked export dir: the dir it names is replaced, so its parent is where the temps go and must be writable.
+    written = path.resolve() if path.is_symlink() else path
+    parent = writable_ancestor(written, f"export dir {str(path)!r}", "choose another export_dir")
+    clean_stale_temps(parent, f".{written.name}.")  # temp dirs of an export killed by SIGKILL
+    return written
 
 
 def writable_ancestor(path: Path, what: str, fix: str) -> Path:
@@ -197,9 +199,7 @@ def export_pretrained(model, tokenizer, export_dir: str | os.PathLike, overwrite
     Everything is written into a sibling temp dir first; a failure (disk full, interrupt) leaves any previous
     export untouched and removes the temp dir.
     """
-    path = check_export_dir(export_dir, overwrite)
-    # The directory a symlink names is replaced, not the link ('out/..' also needs its real name for the sibling temps).
-    path = path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
+    path = Path(os.path.abspath(check_export_dir(export_dir, overwrite)))  # a symlink's target; 'out/..' by its name
     set_phase(f"export to {path}")
     tmp = path.with_name(temp_prefix(path) + "new")
     renaming = False

@@ -52,7 +52,9 @@ def set_resume_hint(**hint) -> None:
 
 def reset() -> None:
     """A fresh state for a new run (the CLI calls it first: several runs may share one process, e.g. in tests)."""
-    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, export=None, reported=False, stopping=0, forwarded=False)
+    _state.update(phase="start-up", progress_file=None, merges=0, checkpoint=None, export=None, stopping=0)
+    for key in ("reported", "forwarded"):
+        _state.pop(key, None)
     signals_arrived()  # drain: signals of an earlier run in this process
     for watch in _watches:
         watch.stop()
@@ -62,13 +64,19 @@ def reset() -> None:
 _ignored_while_stopping: set[int] = set()  # signals we set to SIG_IGN ourselves (a parent's SIG_IGN is respected)
 
 
+def claim(key: str) -> bool:
+    """True for the first caller only, whatever the thread (``dict.setdefault`` is atomic; a lock could deadlock
+    with the signal handler, which runs in the main thread between any two bytecodes)."""
+    token = object()
+    return _state.setdefault(key, token) is token
+
+
 def note_stop(signum: int) -> None:
     """This process is stopping on ``signum``; DDP rank 0 passes the signal on to the ranks it launched, so every
     rank stops together whichever of them was signalled (once; a Ctrl-C has already reached them all)."""
     if not _state.get("stopping"):
         _state["stopping"] = int(signum)
-    if not _state.get("forwarded"):
-        _state["forwarded"] = True
+    if claim("forwarded"):
         for watch in list(_watches):
             for proc in watch.procs:
                 try:
@@ -96,15 +104,15 @@ def _raise_stopped(signum, _frame) -> None:
 # Python runs a signal handler only when the main thread returns from C code (a forward pass, a collective). The
 # interpreter's C handler also writes the signal number to this pipe at once; the peer watch thread reads it, so a
 # rank knows it is stopping (and rank 0 passes the signal on) while its main thread is still busy.
-_wakeup: dict = {"read": None}
+_wakeup: dict = {"read": None, "pid": None}
 
 
 def _install_wakeup() -> None:
-    if _wakeup["read"] is None:
+    if _wakeup["read"] is None or _wakeup["pid"] != os.getpid():  # a forked rank makes its own: never read a peer's
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)
-        _wakeup.update(read=read, write=write)
+        _wakeup.update(read=read, write=write, pid=os.getpid())
     try:
         previous = signal.set_wakeup_fd(_wakeup["write"], warn_on_full_buffer=False)
     except (ValueError, OSError):
@@ -113,14 +121,33 @@ def _install_wakeup() -> None:
         signal.set_wakeup_fd(previous)
 
 
+def release_wakeup() -> None:
+    """After a run (the CLI's last step): the process's wakeup fd is no longer ours, so later signals of a longer-lived
+    process (a notebook, pytest) do not pile up for the next run."""
+    if _wakeup["read"] is None or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        current = signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        return
+    if current not in (-1, _wakeup["write"]):
+        signal.set_wakeup_fd(current)
+    signals_arrived()
+
+
 def signals_arrived() -> list[int]:
     """The stop signals the process received since the last call (read from the wakeup pipe, any thread)."""
-    if _wakeup["read"] is None:
+    if _wakeup["read"] is None or _wakeup["pid"] != os.getpid():
         return []
-    try:
-        data = os.read(_wakeup["read"], 512)
-    except (BlockingIOError, OSError):
-        return []
+    data = b""
+    while True:  # drain it all: other signals (SIGALRM...) write there too
+        try:
+            chunk = os.read(_wakeup["read"], 4096)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
     return [b for b in data if b in {int(s) for s in STOP_SIGNALS}]
 
 
@@ -231,7 +258,8 @@ class PeerWatch:
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
                 if code is not None and code != 0:
-                    stopped_on = code - 128 if code - 128 in {int(s) for s in STOP_SIGNALS} else 0
+                    # 128 + N: the rank's own clean stop; -N: killed by the signal before its handlers were in place
+                    stopped_on = next((int(s) for s in STOP_SIGNALS if code in (128 + int(s), -int(s))), 0)
                     return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}", stopped_on
             return None
         if os.getppid() != self.parent:
@@ -255,16 +283,14 @@ class PeerWatch:
                 waiting_since = waiting_since or time.monotonic()
                 if time.monotonic() - waiting_since < (CLEANUP_GRACE_S if stopping else PEER_STOP_GRACE_S):
                     continue
-            if self._stop.is_set() or _state.get("reported"):
+            if self._stop.is_set() or not claim("reported"):
                 continue
-            _state["reported"] = True
             if stopping:
                 if reports_stops():
                     print(f"error: {stop_message(Stopped(stopping))}", file=sys.stderr, flush=True)
                 os._exit(128 + stopping)
             if peer_signal:  # that rank alone was stopped: the run stops, as after a signal to this rank
-                print(f"error: {dead} (stopped by {signal.Signals(peer_signal).name}) during {_state['phase']}; rank {self.rank} stops too; "
-                      f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
+                print(f"error: {peer_stop_line(dead, peer_signal, self.rank)}", file=sys.stderr, flush=True)
                 os._exit(128 + peer_signal)
             print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
                   f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
@@ -274,11 +300,36 @@ class PeerWatch:
 _watches: list[PeerWatch] = []
 
 
+def peer_stop_line(dead: str, signum: int, rank: int) -> str:
+    return f"{dead} (stopped by {signal.Signals(signum).name}) during {_state['phase']}; rank {rank} stops too; {saved_work()}; {rerun_hint()}"
+
+
+def stopped_peer(wait: float | None = None) -> tuple[str, int] | None:
+    """On DDP rank 0, after a collective failed: the line and signal of a rank that stopped on a signal (exit 128 + N
+    or -N), waiting up to ``wait`` seconds for its exit status; None when no rank did."""
+    deadline = time.monotonic() + (PEER_STOP_GRACE_S if wait is None else wait)
+    while True:
+        for watch in list(_watches):
+            found = watch._dead_peer() if watch.rank == 0 else None
+            if found is not None and found[1]:
+                return peer_stop_line(found[0], found[1], 0), found[1]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
 def stop_watches() -> bool:
     """Stop the peer watches (the main thread reports); True when one already reported."""
     for watch in _watches:
         watch.stop()
-    return bool(_state.get("reported"))
+    return "reported" in _state
+
+
+def take_report() -> bool:
+    """Stop the peer watches and claim the run's one report line: True when the caller is to print it (atomic: a
+    watch and the main thread never both print)."""
+    stop_watches()
+    return claim("reported")
 
 
 # Markers of a collective that failed because a peer went away. Backend names alone ("gloo", "NCCL") are not markers:

@@ -118,14 +118,20 @@ def test_corrupt_cached_file_is_never_used(offline_cache):
     assert not raw.exists()
 
 
-def test_verified_cached_file_is_used_offline(offline_cache):
+@pytest.fixture
+def cached_lee(offline_cache):
+    """The offline cache holding a verified copy of the lee asset (from this machine's own cache)."""
     source = os.path.expanduser("~/.cache/lightning_mka/raw/lee_background.cor")
     if not os.path.exists(source):
         pytest.skip("run `lightning-mka-assets fetch` first")
     raw = offline_cache / "raw" / "lee_background.cor"
     raw.parent.mkdir(parents=True)
     shutil.copy(source, raw)
-    assert assets.asset_path("lee") == raw
+    return raw
+
+
+def test_verified_cached_file_is_used_offline(cached_lee):
+    assert assets.asset_path("lee") == cached_lee
 
 
 def test_unknown_asset_in_fetch_command(capsys):
@@ -180,17 +186,11 @@ def test_a_permission_error_is_not_called_a_full_disk():
     assert line.startswith("cannot access '/data/model/model.safetensors' (Permission denied); make the inputs readable") and "free space" not in line
 
 
-def test_a_read_only_cache_that_holds_the_assets_is_used(offline_cache, monkeypatch):
+def test_a_read_only_cache_that_holds_the_assets_is_used(cached_lee, monkeypatch):
     """A cache fetched once onto a read-only volume: the lock file cannot be created, and nothing needs building."""
     import builtins
     import errno
 
-    source = os.path.expanduser("~/.cache/lightning_mka/raw/lee_background.cor")
-    if not os.path.exists(source):
-        pytest.skip("run `lightning-mka-assets fetch` first")
-    raw = offline_cache / "raw" / "lee_background.cor"
-    raw.parent.mkdir(parents=True)
-    shutil.copy(source, raw)
     real_open = builtins.open
 
     def read_only(file, mode="r", *args, **kwargs):
@@ -199,7 +199,7 @@ def test_a_read_only_cache_that_holds_the_assets_is_used(offline_cache, monkeypa
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", read_only)
-    assert assets.asset_path("lee") == raw
+    assert assets.asset_path("lee") == cached_lee
 
 
 def test_a_hand_placed_file_with_the_wrong_checksum_is_named_when_removed(offline_cache):

@@ -91,6 +91,7 @@ def test_overwrite_replaces_only_a_previous_export_or_an_empty_dir(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     link = tmp_path / "link"  # a symlinked export dir: the dir it names is replaced, the link stays
     link.symlink_to(empty)
+    assert check_export_dir(link, overwrite=True) == empty  # checked (writable, stale temps) where it is written
     export_pretrained(model, tokenizer, link, overwrite=True)
     assert link.is_symlink() and (empty / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "project"]
 
