@@ -307,6 +307,8 @@ def peer_stop_line(dead: str, signum: int, rank: int) -> str:
 def stopped_peer(wait: float | None = None) -> tuple[str, int] | None:
     """On DDP rank 0, after a collective failed: the line and signal of a rank that stopped on a signal (exit 128 + N
     or -N), waiting up to ``wait`` seconds for its exit status; None when no rank did."""
+    if not any(watch.rank == 0 and watch.procs for watch in _watches):
+        return None  # not rank 0 of a DDP run on this machine: no peer's exit status to read
     deadline = time.monotonic() + (PEER_STOP_GRACE_S if wait is None else wait)
     while True:
         for watch in list(_watches):
