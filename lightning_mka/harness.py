@@ -85,7 +85,8 @@ def run_harness(model, tokenizer, tasks: list, batch_size: int = 1, limit: int |
         # after it (e.g. LoRA adapters injected after a merge) must not depend on whether lm-eval ran.
         with _quiet_bars_off_terminal(), _global_rng_kept(device):
             wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), add_bos_token=False)
-            return simple_evaluate(model=wrapper, tasks=list(tasks), limit=limit, bootstrap_iters=0, log_samples=log_samples)
+            return simple_evaluate(model=wrapper, tasks=list(tasks), limit=limit, bootstrap_iters=0, log_samples=log_samples,
+                                   task_manager=_task_manager(all(isinstance(t, dict) for t in tasks)))
     finally:
         model.train(was_training)
 
@@ -106,11 +107,17 @@ def _global_rng_kept(device):
             np.random.set_state(numpy_state)
 
 
-@functools.lru_cache(maxsize=1)
-def _known_tasks() -> frozenset:
+@functools.lru_cache(maxsize=2)
+def _task_manager(inline_only: bool):
+    """lm-eval's task index, built once per process (it reads every task YAML lm-eval ships: seconds; simple_evaluate
+    would build a new one per call). Inline task configs (``mmlu_task``) need none of it."""
     from lm_eval.tasks import TaskManager
 
-    return frozenset(TaskManager().all_tasks)  # indexes every task YAML lm-eval ships: seconds, so once per process
+    return TaskManager(include_defaults=not inline_only)
+
+
+def _known_tasks() -> frozenset:
+    return frozenset(_task_manager(False).all_tasks)
 
 
 def check_task_names(tasks: list) -> None:

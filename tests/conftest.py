@@ -20,6 +20,38 @@ def cli(*args, cwd=None, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def cli_in_process(*args, cwd):
+    """``lightning-mka <args>`` run by ``lightning_mka.cli.main`` in this process (no interpreter start-up: seconds
+    per call), for runs that end before any rank starts (refusals, --help, --print_config): its exit status, stdout
+    and stderr as ``cli`` returns them. The working directory, stop handlers and thread excepthook are put back."""
+    import contextlib
+    import io
+    import signal
+    import threading
+    import types
+
+    from lightning_mka import cli as cli_module
+    from lightning_mka import signals
+
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    excepthook, where = threading.excepthook, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli_module.main(list(args))
+            except SystemExit as exit_:  # --help, --print_config, argument errors
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    finally:
+        os.chdir(where)
+        threading.excepthook = excepthook
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        signals.reset()
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def assert_one_line_error(proc, expected):
     """Exit status 2, no traceback, and a last line ``error: ...`` that contains ``expected``."""
     assert proc.returncode == 2, proc.stderr[-2000:]

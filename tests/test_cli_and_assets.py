@@ -4,7 +4,7 @@ import os
 import shutil
 
 import pytest
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli_in_process
 
 from lightning_mka import assets
 from lightning_mka.errors import MKAError
@@ -12,19 +12,19 @@ from lightning_mka.loading import resolve_model_source
 
 
 def test_wrong_model_path(tmp_path):
-    proc = cli("validate", "--model.model", str(tmp_path / "nope"), cwd=tmp_path)
+    proc = cli_in_process("validate", "--model.model", str(tmp_path / "nope"), cwd=tmp_path)
     assert_one_line_error(proc, f"model path '{tmp_path / 'nope'}' does not exist")
 
 
 def test_unknown_asset_name(tmp_path):
-    proc = cli("validate", "--model.model", "smollm3-1b", cwd=tmp_path)
+    proc = cli_in_process("validate", "--model.model", "smollm3-1b", cwd=tmp_path)
     assert_one_line_error(proc, "unknown asset 'smollm3-1b'; known model assets: smollm2-135m, gemma3-270m")
 
 
 def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = cli("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", "--data.seq_len", "32", cwd=tmp_path)
+    proc = cli_in_process("validate", "--model.model", str(tiny_model_dir), "--data.calibration", str(empty), "--data.eval_texts", "[]", "--data.seq_len", "32", cwd=tmp_path)
     assert_one_line_error(proc, f"calibration file '{empty}' is empty; pass UTF-8 text (.txt) or JSON lines (.jsonl)")
     assert not (tmp_path / "exports").exists()
 
@@ -34,7 +34,7 @@ def test_a_sequence_longer_than_the_models_context_is_refused(tmp_path, tiny_mod
     from conftest import write_config
 
     config = write_config(tmp_path / "long.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export", data={"seq_len": 257})
-    proc = cli("validate", "--config", str(config), cwd=tmp_path)
+    proc = cli_in_process("validate", "--config", str(config), cwd=tmp_path)
     assert_one_line_error(proc, "data.seq_len=257 exceeds the model's context of 256 tokens (max_position_embeddings); set data.seq_len <= 256")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "heldout.txt", "long.yaml", "tiny-llama"]
 
@@ -56,17 +56,17 @@ def test_context_length_reads_the_text_config():
 def test_unknown_yaml_key_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  modle: smollm2-135m\n")
-    proc = cli("validate", "--config", str(config), cwd=tmp_path)
+    proc = cli_in_process("validate", "--config", str(config), cwd=tmp_path)
     assert proc.returncode != 0 and "modle" in proc.stderr
 
 
 def test_print_config_round_trips(tmp_path):
-    first = cli("fit", "--print_config", cwd=tmp_path)
+    first = cli_in_process("fit", "--print_config", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "model: smollm2-135m" in first.stdout and "TensorBoardLogger" in first.stdout
     saved = tmp_path / "config.yaml"
     saved.write_text(first.stdout)
-    second = cli("fit", "--config", str(saved), "--print_config", cwd=tmp_path)
+    second = cli_in_process("fit", "--config", str(saved), "--print_config", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
 
@@ -146,7 +146,7 @@ def test_callback_argument_error_is_one_line_through_the_cli(tmp_path):
         "trainer:\n  logger: false\n  callbacks:\n    - class_path: lightning_mka.callbacks.MergeCallback\n"
         "      init_args:\n        compression_ratio: 1.5\n"
     )
-    assert_one_line_error(cli("validate", "--config", str(config), cwd=tmp_path), "compression_ratio=1.5 must be in (0, 1)")
+    assert_one_line_error(cli_in_process("validate", "--config", str(config), cwd=tmp_path), "compression_ratio=1.5 must be in (0, 1)")
 
 
 def test_mps_is_never_chosen_for_float64_solves(tmp_path, tiny_model_dir):
@@ -162,7 +162,7 @@ def test_mps_is_never_chosen_for_float64_solves(tmp_path, tiny_model_dir):
         choose_accelerator("mps", cuda=False, mps=True)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = cli("validate", "--model.model", str(tiny_model_dir), "--trainer.accelerator", "mps", cwd=run_dir)
+    proc = cli_in_process("validate", "--model.model", str(tiny_model_dir), "--trainer.accelerator", "mps", cwd=run_dir)
     assert_one_line_error(proc, "trainer.accelerator mps cannot run the float64 solves of the merge; use --trainer.accelerator cpu")
     assert list(run_dir.iterdir()) == []
 
@@ -171,9 +171,9 @@ def test_a_trainer_option_that_cannot_work_is_one_line(tmp_path, tiny_model_dir,
     from conftest import write_config
 
     config = write_config(tmp_path / "t.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
-    proc = cli("validate", "--config", str(config), "--trainer.strategy", "ddpx", cwd=tmp_path)
+    proc = cli_in_process("validate", "--config", str(config), "--trainer.strategy", "ddpx", cwd=tmp_path)
     assert_one_line_error(proc, "trainer: You selected an invalid strategy name")
-    assert "fix --trainer.accelerator / --trainer.devices / --trainer.strategy" in proc.stderr
+    assert "fix that trainer option (e.g. --trainer.accelerator, --trainer.devices, --trainer.strategy)" in proc.stderr
     assert not (tmp_path / "export").exists()
 
 

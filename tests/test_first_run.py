@@ -17,7 +17,7 @@ from lightning_mka.export import model_name, resolve_export_path
 from lightning_mka.module import MKAModule
 from lightning_mka.progress import Progress, track
 from lightning_mka.reporting import comparison_table
-from conftest import cli, write_config
+from conftest import cli, cli_in_process, write_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -72,12 +72,12 @@ def test_model_names_and_export_templates(tmp_path):
 
 
 def test_help_offers_what_works_and_says_what_the_tool_does(tmp_path):
-    proc = cli("--help", cwd=tmp_path)
+    proc = cli_in_process("--help", cwd=tmp_path)
     assert proc.returncode == 0
     assert "{fit,validate}" in proc.stdout and "predict" not in proc.stdout and " test " not in proc.stdout
     assert "Lightning Trainer command line tool" not in proc.stdout
     assert "merging similar transformer layers" in proc.stdout.replace("\n", " ")
-    assert cli("test", "--help", cwd=tmp_path).returncode != 0
+    assert cli_in_process("test", "--help", cwd=tmp_path).returncode != 0
 
 
 def test_a_templated_export_is_checked_at_setup_before_any_work(tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path):
