@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli_and_assets import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli
 from conftest import write_config
 
 from lightning_mka.callbacks import LMEvalCallback, MergeCallback, QuantizeCallback
