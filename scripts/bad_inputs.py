@@ -1,7 +1,7 @@
 """Try one bad value per validated input through the real CLI; print a table of exit codes and error lines.
 
     .venv/bin/python scripts/bad_inputs.py > bench/results/bad_inputs.md
-    .venv/bin/python scripts/bad_inputs.py FSDP     # only the cases whose name contains FSDP (table rows)
+    .venv/bin/python scripts/bad_inputs.py FSDP trainer   # only the cases whose name contains FSDP or trainer
 
 Uses a tiny random Llama saved to a temp dir (and the SmolLM2 GGUF from the asset cache for the corrupt-file case).
 """
@@ -21,17 +21,21 @@ from conftest import tiny_model, tiny_tokenizer, write_corpus  # noqa: E402
 from lightning_mka.assets import cache_dir  # noqa: E402
 
 
-def config(model, corpus, heldout, export=None, **merge) -> str:
+def config(model, corpus, heldout, export=None, lm_eval_tasks=None, **merge) -> str:
     options = {"target_layers": 3, "num_points": 128, **merge}
     if export:
         options["export_dir"] = export
     lines = "\n".join(f"        {k}: {v}" for k, v in options.items())
+    lm_eval = f"""
+    - class_path: lightning_mka.callbacks.LMEvalCallback
+      init_args:
+        tasks: {lm_eval_tasks}""" if lm_eval_tasks else ""
     return f"""trainer:
   logger: false
   callbacks:
     - class_path: lightning_mka.callbacks.MergeCallback
       init_args:
-{lines}
+{lines}{lm_eval}
 model:
   model: {model}
 data:
@@ -69,6 +73,8 @@ def main() -> None:
     truncated = root / "truncated.gguf"
     truncated.write_bytes(gguf.read_bytes()[: 1 << 20] if gguf.exists() else b"GGUF")
     (root / "exists").mkdir()
+    (root / "project").mkdir()
+    (root / "project" / "notes.txt").write_text("a week of work")
 
     cases = [
         ("missing model path", ["--model.model", str(root / "missing")], None),
@@ -93,14 +99,22 @@ def main() -> None:
         ("export dir exists (no overwrite)", [], dict(export=str(root / "exists"))),
         ("export dir not writable (read-only fs)", [], dict(export="/proc/mka-export")),
         ("export dir is the model being read (overwrite: true)", [], dict(export=str(model), overwrite="true")),
+        ("export dir holding other files, a project dir (overwrite: true)", [], dict(export=str(root / "project"), overwrite="true")),
+        ("export dir '.', the run's own dir (overwrite: true)", [], dict(export=".", overwrite="true")),
         ("YAML key that does not exist", ["--model.modle", "x"], None),
+        ("trainer strategy misspelt", ["--trainer.strategy", "ddpx"], None),
+        ("trainer accelerator that is not there (cuda on a CPU machine)", ["--trainer.accelerator", "cuda"], None),
+        ("data.train_text the calibration asset (fit, wiki / wiki)", ["fit", "--data.calibration", "wiki", "--data.train_text", "wiki", "--data.eval_texts", "[lee]"], None),
+        ("a model asset as calibration text", ["--data.calibration", "smollm2-135m"], None),
+        ("missing model path with two slashes (not a hub id)", ["--model.model", "runs/exports/missing"], None),
+        ("lm-eval task name lm-eval does not know", [], dict(lm_eval_tasks="[hellaswg]")),
         ("unknown dtype", ["--model.dtype", "float8"], None),
         # `fit` under FSDP (2 CPU processes, gloo) of a config whose MergeCallback still has layers to remove.
         ("FSDP with a merge", ["fit", "--trainer.strategy", "fsdp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                                "--data.train_samples", "8"], None),
     ]
-    only = sys.argv[1] if len(sys.argv) > 1 else None
-    cases = [case for case in cases if only is None or only in case[0]]
+    only = sys.argv[1:]
+    cases = [case for case in cases if not only or any(part in case[0] for part in only)]
     print("| input | exit | last line on stderr |")
     print("|---|---|---|")
     for name, args, merge in cases:
