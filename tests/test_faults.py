@@ -334,7 +334,8 @@ print("still running", peer.poll())
 ])
 def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, grace, stopping, expected):
     script = WATCH_SCRIPT.format(grace=grace, code=code, sleep=0, stopping=stopping)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(INJECT.parents[1])})  # this checkout's package
     if expected == "running":
         assert proc.returncode == 0 and proc.stdout.startswith("still running") and proc.stderr == "", proc.stderr
         return
@@ -352,7 +353,8 @@ def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, gra
 def test_rank_0_passes_a_stop_on_to_the_ranks_it_launched(tmp_path):
     """A SIGTERM to rank 0 alone (``kill``, a scheduler signalling one process) stops every rank, together."""
     script = WATCH_SCRIPT.format(grace=30, code=0, sleep=30, stopping="signals.note_stop(15); time.sleep(1.0); signals.stop_watches()")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(INJECT.parents[1])})  # this checkout's package
     assert proc.returncode == 0 and proc.stdout.strip() == "still running -15", (proc.stdout, proc.stderr)
 
 
