@@ -49,7 +49,7 @@ class ExportCallback(Callback):
         self.export_dir = resolve_export_path(self.template, source, exported_depth(trainer, num_layers(pl_module.model)))
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank
         self._log_dir = Path(trainer.log_dir) if trainer.log_dir else None
-        check_export_dir(self.export_dir, self.overwrite, inputs=models_read_by(pl_module), run_dir=self._log_dir or trainer.default_root_dir)
+        check_export_dir(self.export_dir, self.overwrite, inputs=models_read_by(pl_module), run_dir=self._log_dir or getattr(trainer, "default_root_dir", None))
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
