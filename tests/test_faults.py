@@ -317,7 +317,7 @@ import subprocess, sys, time
 from lightning_mka import signals
 signals.PEER_STOP_GRACE_S, signals.CLEANUP_GRACE_S = {grace}, {grace}
 signals.reset(); signals.set_phase("merge 2")
-peer = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep({sleep}); sys.exit({code})"])
+peer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; time.sleep({sleep}); os.kill(os.getpid(), -{code}) if {code} < 0 else sys.exit({code})"])
 signals.PeerWatch(0, [peer], interval=0.1).start()
 {stopping}
 time.sleep(2.0)
@@ -331,6 +331,7 @@ print("still running", peer.poll())
     (130, 0.3, "", "exit 130"),  # ... but not forever: that rank alone was stopped, and the run stops
     (1, 30, "signals._state['stopping'] = 15", "running"),  # this rank is stopping: its main thread reports
     (1, 0.3, "signals._state['stopping'] = 15", "exit 143"),  # ... unless its clean-up hangs on the rank that is gone
+    (-15, 0.3, "", "exit 143"),  # a rank killed by SIGTERM before its handlers were in place: stopped, not dead
 ])
 def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, grace, stopping, expected):
     script = WATCH_SCRIPT.format(grace=grace, code=code, sleep=0, stopping=stopping)
@@ -346,6 +347,8 @@ def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, gra
         assert line.startswith("error: DDP rank 1 (pid ") and f"exited with status {code} during merge 2; rank 0 stops too instead" in line
     elif status == 130:
         assert line.startswith("error: DDP rank 1 (pid ") and "exited with status 130 (stopped by SIGINT) during merge 2; rank 0 stops too;" in line
+    elif code < 0:
+        assert line.startswith("error: DDP rank 1 (pid ") and "was killed by SIGTERM (stopped by SIGTERM) during merge 2; rank 0 stops too;" in line
     else:
         assert line == "error: stopped by SIGTERM during merge 2; no finished merge or epoch to keep; rerun the same command to resume"
 

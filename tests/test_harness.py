@@ -107,6 +107,9 @@ def test_lm_eval_callback_measures_before_and_after_compression(tmp_path, tiny_c
                         callbacks=[MergeCallback(target_layers=4, num_points=128), LMEvalCallback(tasks=["mka_mmlu"])])
     dense_answers, dense_accuracy = our_letter_answers(module.model, letter_tokenizer(), questions)
     trainer.validate(module, datamodule=data, verbose=False)
+    from lightning_mka import signals
+
+    assert signals._state["phase"] == "lm-eval on the compressed model"  # what a stop line says now (not "export to ...")
     merged_answers, merged_accuracy = our_letter_answers(module.model, letter_tokenizer(), questions)
     results = json.loads((tmp_path / "lm_eval.json").read_text())
     assert results["before"]["lm_eval/mka_mmlu/acc"] == pytest.approx(dense_accuracy)
