@@ -19,6 +19,7 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 14: the hidden-state term for a drop, now aligned to the dropped block's output at each cut
                                # 15: the learning rate of the k = 9 recipe (ShortGPT, beta2 0.95) at the full budget
                                # 16: angular's k = 9 block chosen on 256 calibration sequences, healed with the k = 9 recipe
+                               # 17: ours calibrated on the same 256 sequences (ours256), healed with the k = 9 recipe
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -72,6 +73,19 @@ if [[ $STAGE == 3 ]]; then
   echo "chosen temperature $T"
   echo "{\"batch\": $B, \"lr\": $LR, \"warmup\": $WU, \"temperature\": $T}" > "$LOG/chosen3.json"
   echo "$(date -u +%T) stage 3 done (chose batch 1, lr 1.5e-4, warmup 12, T = 1: stage 4 runs every start with it)"
+  exit 0
+fi
+if [[ $STAGE == 17 ]]; then
+  # bench/block_choice.py: ours (NPIB + parallel_pruned) calibrated on the 256 sequences angular256's block was chosen
+  # on gives 35.21 / 98.78 at k = 9 before healing (44.09 / 140.7 on the table's 16; ShortGPT 59.85 / 158.3 on either).
+  # That start, healed with the k = 9 recipe (ShortGPT's command: stage-7 settings + beta2 0.95; its merged layers at
+  # 2x the rate, as for every start of ours). Rule, written before it ran (2026-12-01): a lower held-aside geometric
+  # mean than ShortGPT's 28.54 (stage 11) takes the k = 9 recipe's start; the evaluation row runs either way and
+  # chooses nothing. Building the start: about 24 min and 18 GB.
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only ours256
+  run probe100k-ours256-k9-$S7_TAG-b2-0.95 --heldaside 8 --start ours256 --k 9 $S7 --adam-beta2 0.95 $C
+  run ours256-k9-kd-100k-r3-$S7_TAG-b2-0.95 --start ours256 --k 9 $S7 --adam-beta2 0.95 $C
+  echo "$(date -u +%T) stage 17 done"
   exit 0
 fi
 if [[ $STAGE == 16 ]]; then
