@@ -236,14 +236,14 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        cause = find_mka_error(err)
         stopping = signals.stopping_signal()
-        if stopping and find_mka_error(err) is None:
+        if stopping and cause is None:
             # The signal arrived while a collective waited (its handler runs when the main thread returns) and the
             # collective failed first, as the peers stopped too: this is the stop, not a failure of its own.
             if signals.reports_stops() and signals.take_report():
                 print(f"error: {signals.stop_message(signals.Stopped(stopping))}", file=sys.stderr, flush=True)
             return 128 + stopping
-        cause = find_mka_error(err)
         line = str(cause) if cause is not None else failed_write(err)
         if line is None:
             peer = signals.peer_failure(err)

@@ -26,6 +26,11 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source.count("/") > 1
 
 
+def _read_as_hub_id(source: str) -> bool:
+    """``org/name`` with no such local path: ``resolve_model_source`` handed it to the hub."""
+    return source not in ASSETS and "/" in source and not Path(source).expanduser().exists()
+
+
 def _not_local(source: str) -> str:
     """For a hub id that failed to load: say that no local path of that name exists either (``exports/my-model``
     with a typo is read as a hub id)."""
@@ -66,7 +71,7 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError) as err:
-        where_from = f"the hub id {source!r}; {_not_local(source)}" if where == source and not Path(where).exists() else repr(source)
+        where_from = f"the hub id {source!r}; {_not_local(source)}" if _read_as_hub_id(source) else repr(source)
         raise MKAError(f"cannot load a tokenizer from {where_from} ({str(err).splitlines()[0]}); check the path or hub id") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -76,7 +81,7 @@ def load_tokenizer(source: str):
 def load_failed(source: str, err: BaseException) -> MKAError:
     """Corrupt or truncated model files surface as OSError, SafetensorError, struct / gguf errors...: one line. A hub
     id that failed (unreachable hub, a typo in a local path read as ``org/name``) says so instead."""
-    if source not in ASSETS and "/" in source and not Path(source).expanduser().exists():
+    if _read_as_hub_id(source):
         return MKAError(f"cannot load model {source!r} as a hub id ({type(err).__name__}: {first_line(err)}); {_not_local(source)}: check the path, "
                         "or the hub id and the connection")
     return MKAError(f"cannot load model {source!r} ({type(err).__name__}: {first_line(err)}); check that the files are complete, or re-export them")
