@@ -67,14 +67,18 @@ def input_locations(source: str | None) -> set[Path]:
     return {Path(os.path.abspath(local)), local.resolve()}
 
 
+def holds(export_dir: Path, location: Path) -> bool:
+    """Whether writing ``export_dir`` would replace ``location``: the dir itself or one holding it, the export dir
+    compared as written and through symlinks."""
+    return any(location == target or target in location.parents for target in {Path(os.path.abspath(export_dir)), export_dir.resolve()})
+
+
 def replaces(export_dir: Path, inputs: tuple[str | None, ...]) -> str | None:
-    """The first of ``inputs`` that writing ``export_dir`` would replace: the dir itself or one holding it, compared
-    as written and through symlinks (a hub snapshot's ``.gguf`` is a link into its blobs)."""
-    targets = {Path(os.path.abspath(export_dir)), export_dir.resolve()}
+    """The first of ``inputs`` that writing ``export_dir`` would replace (a hub snapshot's ``.gguf`` is a link into
+    its blobs: each input is compared as written and resolved)."""
     for source in inputs:
-        for local in input_locations(source):
-            if any(local == target or target in local.parents for target in targets):
-                return str(source)
+        if any(holds(export_dir, local) for local in input_locations(source)):
+            return str(source)
     return None
 
 
@@ -83,9 +87,8 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, inputs: tup
     a teacher): an export never replaces one of them, ``overwrite`` or not. Neither the current directory nor
     ``run_dir`` (where the run writes its logs and results) may lie inside it: replacing it would delete them."""
     path = Path(export_dir).expanduser()
-    targets = {Path(os.path.abspath(path)), path.resolve()}  # as written and through a symlink
     for kept, what in ((Path.cwd().resolve(), "the current directory"), (Path(run_dir).resolve() if run_dir else None, f"the run dir {str(run_dir)!r}")):
-        if kept is not None and any(kept == target or target in kept.parents for target in targets):
+        if kept is not None and holds(path, kept):
             raise MKAError(f"export dir {str(path)!r} holds {what}, whose logs and results an export would replace; choose a new export_dir such as exports/my-model")
     source = replaces(path, inputs)
     if source is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from lightning_mka.errors import exception_chain
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOP_NUMBERS = frozenset(int(s) for s in STOP_SIGNALS)
 PEER_DIED_STATUS = 1
 CLEANUP_GRACE_S = 30.0  # a stopping rank whose peer is gone: how long its own clean-up may take before the watch exits
 PEER_STOP_GRACE_S = 3.0  # a peer stopped on a signal: how long this rank waits to see the same signal before reporting it
@@ -148,7 +149,7 @@ def signals_arrived() -> list[int]:
         if not chunk:
             break
         data += chunk
-    return [b for b in data if b in {int(s) for s in STOP_SIGNALS}]
+    return [b for b in data if b in _STOP_NUMBERS]
 
 
 def install() -> None:
@@ -259,7 +260,7 @@ class PeerWatch:
                 code = proc.poll()
                 if code is not None and code != 0:
                     # 128 + N: the rank's own clean stop; -N: killed by the signal before its handlers were in place
-                    stopped_on = next((int(s) for s in STOP_SIGNALS if code in (128 + int(s), -int(s))), 0)
+                    stopped_on = next((n for n in _STOP_NUMBERS if code in (128 + n, -n)), 0)
                     return f"DDP rank {i + 1} (pid {proc.pid}) {_describe(code)}", stopped_on
             return None
         if os.getppid() != self.parent:
@@ -269,13 +270,11 @@ class PeerWatch:
     def _run(self) -> None:
         waiting_since = None
         while not self._stop.wait(self.interval):
-            for signum in signals_arrived():
-                note_stop(signum)
+            stopping = stopping_signal()  # noted from the wakeup pipe at once, forwarded by rank 0
             found = self._dead_peer()
             if found is None:
                 continue
             dead, peer_signal = found
-            stopping = int(_state.get("stopping") or 0)
             if stopping or peer_signal:
                 # Stopping: this rank's main thread reports (rank 0) or exits quietly, unless its clean-up outlasts
                 # the grace period waiting for the rank that is gone. A peer stopped on a signal this rank did not see
