@@ -35,6 +35,8 @@ def require_lm_eval() -> None:
 
 def mmlu_task(questions: list[MMLUQuestion], directory: str | Path, name: str = LOCAL_MMLU) -> dict[str, Any]:
     """An lm-eval task config (zero-shot) over ``questions``, whose data is written to ``directory/<name>.jsonl``.
+    The Arrow copy that ``datasets`` makes of it stays in ``directory`` too (by default every run would leave one more
+    in the user's ``~/.cache/huggingface/datasets``, keyed by a temporary file that never comes back).
 
     The fields and templates are lm-eval's ``mmlu`` ones (``tasks/mmlu/default``), the description with the topic of
     each question (lm-eval renders it per document), so one task covers every topic.
@@ -47,7 +49,7 @@ def mmlu_task(questions: list[MMLUQuestion], directory: str | Path, name: str = 
     return {
         "task": name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "dataset_kwargs": {"data_files": {"test": str(path)}, "cache_dir": str(Path(directory) / "datasets-cache")},
         "test_split": "test",
         "output_type": "multiple_choice",
         "description": "The following are multiple choice questions (with answers) about {{subject}}.\n\n",

@@ -53,7 +53,11 @@ def lm_eval_letter_answers(output):
     return samples, [int(np.argmax([float(r[0]) for r in s["filtered_resps"]])) for s in samples]
 
 
-def test_lm_eval_and_our_mmlu_agree_question_by_question(tmp_path):
+def test_lm_eval_and_our_mmlu_agree_question_by_question(tmp_path, monkeypatch):
+    import datasets.config
+
+    user_cache = tmp_path / "user-hf-cache"  # the datasets cache a user has: the harness must leave nothing there
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", user_cache)
     model = tiny_model("llama", layers=2, vocab_size=160, initializer_range=0.5)  # weights large enough that the context decides the letter
     tokenizer = letter_tokenizer()
     questions = synthetic_questions()
@@ -71,6 +75,7 @@ def test_lm_eval_and_our_mmlu_agree_question_by_question(tmp_path):
     assert ours == theirs and len(set(ours)) > 1  # not a degenerate model that always says the same letter
     assert per_question_correct(output) == [p == q.answer for p, q in zip(ours, questions)]
     assert task_metrics(output)["lm_eval/mka_mmlu/acc"] == pytest.approx(our_accuracy)
+    assert not user_cache.exists() and list((tmp_path / "datasets-cache").rglob("*.arrow"))
 
 
 def test_an_unknown_lm_eval_task_is_refused_when_the_callback_is_built():
