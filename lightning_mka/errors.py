@@ -32,8 +32,15 @@ def exception_chain(error: BaseException) -> Iterator[BaseException]:
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of ``error``'s text (its type name if it has none), cut to ``limit`` characters."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+    """The first non-empty line of ``error``'s text (its type name if it has none), at most ``limit`` characters: a
+    longer line is cut at a word boundary and ends in an ellipsis (a cut mid-word reads like a typo in the message)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip()
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    if " " in cut and not line[limit - 1].isspace():
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:") + "…"
 
 
 def find_mka_error(error: BaseException) -> MKAError | None:

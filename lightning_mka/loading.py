@@ -72,7 +72,7 @@ def load_tokenizer(source: str):
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError) as err:
         where_from = f"the hub id {source!r}; {_not_local(source)}" if _read_as_hub_id(source) else repr(source)
-        raise MKAError(f"cannot load a tokenizer from {where_from} ({str(err).splitlines()[0]}); check the path or hub id") from None
+        raise MKAError(f"cannot load a tokenizer from {where_from} ({first_line(err)}); check the path or hub id") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

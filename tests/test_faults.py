@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer, write_config
-from lightning_mka.errors import MKAError
+from lightning_mka.errors import MKAError, first_line
 from lightning_mka.files import check_checkpoint, check_gguf, check_model_dir, check_text_file, check_yaml_config, read_progress
 from lightning_mka.signals import clean_stale_temps
 
@@ -53,6 +53,19 @@ DAMAGED_JSON = {
 }
 JSON_FAULTS = {"truncated": "is truncated", "garbage": "is not valid JSON", "empty": "is empty", "binary": "is binary",
                "wrong schema": "has the wrong content", "not an object": "has the wrong content", "steps out of order": "has the wrong content"}
+
+
+@pytest.mark.parametrize("text, limit, expected", [
+    ("\n  short message  \nsecond line", 200, "short message"),
+    ("", 200, "ValueError"),
+    ("alpha beta gamma", 12, "alpha beta…"),         # cut inside "gamma": the word goes, an ellipsis says so
+    ("alpha beta gamma", 11, "alpha beta…"),         # the cut falls on the space: the whole word before it stays
+    ("alpha, beta gamma", 9, "alpha…"),               # no dangling punctuation before the ellipsis
+    ("abcdefghijklmnop", 8, "abcdefg…"),              # one long word: cut inside it rather than return nothing
+])
+def test_first_line_is_one_line_cut_at_a_word_boundary(text, limit, expected):
+    line = first_line(ValueError(text), limit)
+    assert line == expected and len(line) <= limit
 
 
 @pytest.mark.parametrize("fault", list(DAMAGED_JSON))

@@ -249,3 +249,18 @@ def test_a_missing_relative_path_is_named_as_such(tmp_path, monkeypatch):
     message = str(load_failed("exports/my-model", OSError("We couldn't connect to 'https://huggingface.co'")))
     assert message == ("cannot load model 'exports/my-model' as a hub id (OSError: We couldn't connect to 'https://huggingface.co'); no local path "
                        "'exports/my-model' exists (the directory 'exports' does): check the path, or the hub id and the connection")
+
+
+def test_a_tokenizer_failure_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    """transformers raises some errors with no text; the line names the error's type instead of failing on it."""
+    import transformers
+
+    from lightning_mka.loading import load_tokenizer
+
+    def fail(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(MKAError, match=r"^cannot load a tokenizer from '.*' \(ValueError\); check the path or hub id$"):
+        load_tokenizer(str(tmp_path))
