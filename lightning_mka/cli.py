@@ -229,8 +229,7 @@ def main(args: list[str] | None = None) -> int:
             check_yaml_config(path)
         cli_main(args)
     except signals.Stopped as stopped:
-        if signals.reports_stops() and signals.take_report():  # one line per run, not one per DDP rank
-            print(f"error: {signals.stop_message(stopped)}", file=sys.stderr, flush=True)
+        signals.report_stop(stopped)
         return signals.stop_status(stopped)
     except MKAError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -241,8 +240,7 @@ def main(args: list[str] | None = None) -> int:
         if stopping and cause is None:
             # The signal arrived while a collective waited (its handler runs when the main thread returns) and the
             # collective failed first, as the peers stopped too: this is the stop, not a failure of its own.
-            if signals.reports_stops() and signals.take_report():
-                print(f"error: {signals.stop_message(signals.Stopped(stopping))}", file=sys.stderr, flush=True)
+            signals.report_stop(signals.Stopped(stopping))
             return 128 + stopping
         line = str(cause) if cause is not None else failed_write(err)
         if line is None:

@@ -333,6 +333,13 @@ def take_report() -> bool:
     return claim("reported")
 
 
+def report_stop(stopped: Stopped) -> None:
+    """The run's one stop line, printed by rank 0 unless a peer watch printed it already (one line per run, not one
+    per DDP rank)."""
+    if reports_stops() and take_report():
+        print(f"error: {stop_message(stopped)}", file=sys.stderr, flush=True)
+
+
 # Markers of a collective that failed because a peer went away. Backend names alone ("gloo", "NCCL") are not markers:
 # an NCCL out-of-memory or a gloo size mismatch is this rank's own error and must be reported as such.
 PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistNetworkError", "remote process exited",
