@@ -160,7 +160,7 @@ def _cache_lock() -> Iterator[None]:
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".lock", "w")
+        lock = open(root / ".lock", "a")  # not "w": truncating would touch the cache on every read of an asset
     except OSError as err:
         if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not root.is_dir():
             raise

@@ -15,6 +15,24 @@ from repo_guard import repository_unchanged  # noqa: F401  (autouse, session: th
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def users_caches_left_alone(tmp_path_factory):
+    """Library caches that the code under test fills by default in the user's home (matplotlib's font list, the HF
+    datasets / hub caches, pip's) go to this session's temp dir, for subprocesses too. The asset cache
+    (~/.cache/lightning_mka, filled by `make assets`) is read where it is; tests that build assets point it elsewhere."""
+    home = tmp_path_factory.mktemp("user-caches")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home / "huggingface"))
+        patch.setenv("HF_DATASETS_CACHE", str(home / "huggingface" / "datasets"))
+        patch.setenv("MPLCONFIGDIR", str(home / "matplotlib"))
+        patch.setenv("PIP_NO_CACHE_DIR", "1")
+        if "datasets" in sys.modules:  # datasets reads its cache path when imported
+            import datasets.config
+
+            patch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "huggingface" / "datasets")
+        yield
+
+
 def cli(*args, cwd=None, env=None, timeout=600):
     """``lightning-mka <args>`` in a fresh process: exit status and stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "lightning_mka.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)

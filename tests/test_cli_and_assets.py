@@ -134,6 +134,21 @@ def test_verified_cached_file_is_used_offline(cached_lee):
     assert assets.asset_path("lee") == cached_lee
 
 
+def test_reading_a_cached_asset_changes_nothing_in_the_cache(cached_lee, offline_cache):
+    """A cache shared by many runs (or checked by a backup) is only read once it holds the assets: the lock file was
+    truncated, and so rewritten, on every read."""
+    import time
+
+    def snapshot():
+        return {str(p): p.stat().st_mtime_ns for p in offline_cache.rglob("*")}
+
+    assets.asset_path("lee")  # the first read may create the lock file
+    before = snapshot()
+    time.sleep(0.05)
+    assert assets.asset_path("lee") == cached_lee
+    assert snapshot() == before
+
+
 def test_unknown_asset_in_fetch_command(capsys):
     assert assets.main(["fetch", "nope"]) == 2
     assert "unknown asset 'nope'" in capsys.readouterr().err

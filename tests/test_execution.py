@@ -249,7 +249,7 @@ def test_disk_offload_in_bfloat16_matches_the_whole_model(tmp_path, kind):
     from lightning_mka.loading import load_model
 
     path = model_dir(tmp_path, kind)
-    lazy = load_model_executed(str(path), "bfloat16", execution="layerwise", offload="disk")
+    lazy = load_model_executed(str(path), "bfloat16", execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
     whole = load_model(str(path), "bfloat16")
     ids = torch.randint(4, 120, (2, 24))
     with torch.no_grad():
@@ -273,7 +273,7 @@ def test_smollm2_layerwise_disk_equals_whole(tmp_path, smollm2_dir):
     a, b = load_file(tmp_path / "whole" / "export" / "model.safetensors"), load_file(tmp_path / "lw" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     reference = [5, 6, 7, 8]
-    model = load_model_executed("smollm2-135m", execution="layerwise", offload="disk")
+    model = load_model_executed("smollm2-135m", execution="layerwise", offload="disk", offload_dir=str(tmp_path / "scratch"))
     from lightning_mka.loading import load_model
 
     whole = load_model("smollm2-135m")

@@ -161,6 +161,22 @@ def test_overlapping_sources_are_refused_however_they_are_written(tmp_path, monk
     CalibrationDataModule(calibration="hf:org/set@train", eval_texts=["hf:org/set@test"])
 
 
+def test_reading_local_text_leaves_nothing_in_the_users_datasets_cache(tmp_path, monkeypatch):
+    """Streaming local files caches nothing, yet datasets left a lock file per set of files in the user's cache: one
+    more on every run with other paths (each test's tmp_path, each new export's samples)."""
+    import datasets.config
+
+    from lightning_mka.datamodules.sources import iter_texts
+
+    user_cache = tmp_path / "user-hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", user_cache)
+    (tmp_path / "a.txt").write_text("one document\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "another"}\n')
+    assert list(iter_texts(str(tmp_path / "a.txt"), "calibration")) == ["one document\n"]
+    assert list(iter_texts(str(tmp_path / "b.jsonl"), "evaluation")) == ["another"]
+    assert not user_cache.exists()
+
+
 def test_a_text_field_that_holds_no_string_is_one_line(tmp_path):
     from lightning_mka.datamodules.sources import iter_texts
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,16 +123,19 @@ def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str
     for file in files:  # binary garbage or another encoding: one line naming the file, before any tokenizing
         check_text_file(file, what=f"{role} file", fix="pass UTF-8 text (.txt) or JSON lines (.jsonl)")
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    try:
-        stream = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        for row in stream:
-            field = "text" if builder == "text" else text_field
-            if field not in row:
-                raise MKAError(f"data source {source!r} has no field {field!r} (fields: {sorted(row)}); set data.text_field")
-            text = text_value(row[field], f"data source {source!r}", field)
-            if text:
-                yield text
-    except MKAError:
-        raise
-    except Exception as err:
-        raise MKAError(f"cannot read data source {source!r} ({type(err).__name__}); check that the files are valid {builder}") from None
+    # Streaming local files caches nothing, but datasets still leaves a lock file per set of files in the user's cache
+    # (~/.cache/huggingface/datasets): a throw-away cache dir keeps that from growing run after run.
+    with tempfile.TemporaryDirectory(prefix="mka-datasets-") as cache:
+        try:
+            stream = load_dataset(builder, data_files=files, split="train", streaming=True, cache_dir=cache, **kwargs)
+            for row in stream:
+                field = "text" if builder == "text" else text_field
+                if field not in row:
+                    raise MKAError(f"data source {source!r} has no field {field!r} (fields: {sorted(row)}); set data.text_field")
+                text = text_value(row[field], f"data source {source!r}", field)
+                if text:
+                    yield text
+        except MKAError:
+            raise
+        except Exception as err:
+            raise MKAError(f"cannot read data source {source!r} ({type(err).__name__}); check that the files are valid {builder}") from None
