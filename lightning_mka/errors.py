@@ -33,13 +33,18 @@ def exception_chain(error: BaseException) -> Iterator[BaseException]:
 
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first non-empty line of ``error``'s text (its type name if it has none), at most ``limit`` characters: a
-    longer line is cut at a word boundary and ends in an ellipsis (a cut mid-word reads like a typo in the message)."""
+    longer line is cut at a word boundary in its second half (a cut mid-word reads like a typo in the message), else
+    mid-word, and ends in an ellipsis."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip()
     if len(line) <= limit:
         return line
+    limit = max(limit, 1)
     cut = line[:limit - 1]
-    if " " in cut and not line[limit - 1].isspace():
-        cut = cut.rsplit(" ", 1)[0]
+    head = cut.rpartition(" ")[0]
+    # Back to the last space only when that keeps most of the line: a long path or URL near the start is cut inside
+    # itself rather than dropped with everything after it.
+    if not line[limit - 1].isspace() and len(head) >= limit // 2:
+        cut = head
     return cut.rstrip(" ,;:") + "…"
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from lightning_mka.errors import exception_chain
+from lightning_mka.errors import MKAError, exception_chain, first_line
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _STOP_NUMBERS = frozenset(int(s) for s in STOP_SIGNALS)
@@ -210,7 +210,6 @@ def stop_status(stopped: Stopped) -> int:
 def run_command(body) -> int:
     """Run a small command's ``body()`` with the stop handlers installed: its return code, or ``error: ...`` on one
     line and exit 2 for bad input (MKAError), or the stop status after SIGTERM / SIGINT (nothing half-written kept)."""
-    from lightning_mka.errors import MKAError
 
     install()
     try:
@@ -375,6 +374,20 @@ def stale_owner_alive(name: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_temp_dir(prefix: str):
+    """A ``tempfile.TemporaryDirectory`` in ``$TMPDIR`` named after this process (``<prefix>pid<N>-...``), made after
+    removing those of dead processes (a SIGKILL skips the ``with`` block's clean-up). One line if there is no usable
+    temp dir, instead of the traceback ``tempfile`` gives."""
+    import tempfile
+
+    try:
+        root = Path(tempfile.gettempdir())
+        clean_stale_temps(root, prefix)
+        return tempfile.TemporaryDirectory(prefix=f"{prefix}pid{os.getpid()}-", dir=root)
+    except OSError as err:
+        raise MKAError(f"cannot make a temp dir ({first_line(err, 160)}); set TMPDIR to a writable directory") from None
 
 
 def clean_stale_temps(parent: Path, prefix: str) -> list[Path]:

@@ -62,6 +62,7 @@ JSON_FAULTS = {"truncated": "is truncated", "garbage": "is not valid JSON", "emp
     ("alpha beta gamma", 11, "alpha beta…"),         # the cut falls on the space: the whole word before it stays
     ("alpha, beta gamma", 9, "alpha…"),               # no dangling punctuation before the ellipsis
     ("abcdefghijklmnop", 8, "abcdefg…"),              # one long word: cut inside it rather than return nothing
+    ("open /models/very/long/path now", 20, "open /models/very/l…"),  # a long path early on: cut inside it, not dropped
 ])
 def test_first_line_is_one_line_cut_at_a_word_boundary(text, limit, expected):
     line = first_line(ValueError(text), limit)

@@ -177,6 +177,37 @@ def test_reading_local_text_leaves_nothing_in_the_users_datasets_cache(tmp_path,
     assert not user_cache.exists()
 
 
+def test_reading_local_text_clears_dead_runs_temp_dirs_and_needs_a_usable_tmpdir(tmp_path, monkeypatch):
+    """The throw-away datasets cache is named after its process, so a run killed by SIGKILL mid-read leaves nothing
+    for good: the next read removes it (a live process's dir stays). No usable temp dir: one line naming TMPDIR."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from lightning_mka.datamodules.sources import DATASETS_TEMP_PREFIX, iter_texts
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (temp / f"{DATASETS_TEMP_PREFIX}pid{dead}-abc").mkdir()
+    (temp / f"{DATASETS_TEMP_PREFIX}pid{os.getpid()}-live").mkdir()
+    (tmp_path / "a.txt").write_text("one document\n")
+    seen = []
+    for text in iter_texts(str(tmp_path / "a.txt"), "calibration"):
+        seen += [p.name for p in temp.iterdir()]
+    assert len(seen) == 2 and f"{DATASETS_TEMP_PREFIX}pid{os.getpid()}-live" in seen
+    mine = [n for n in seen if not n.endswith("-live")]
+    assert len(mine) == 1 and mine[0].startswith(f"{DATASETS_TEMP_PREFIX}pid{os.getpid()}-")  # the dead run's dir went
+    assert [p.name for p in temp.iterdir()] == [f"{DATASETS_TEMP_PREFIX}pid{os.getpid()}-live"]  # and ours after the read
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(MKAError) as err:
+        list(iter_texts(str(tmp_path / "a.txt"), "calibration"))
+    assert len(str(err.value).splitlines()) == 1 and "set TMPDIR to a writable directory" in str(err.value)
+    assert "missing" in str(err.value)
+
+
 def test_a_text_field_that_holds_no_string_is_one_line(tmp_path):
     from lightning_mka.datamodules.sources import iter_texts
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from lightning_mka.execution import offloads_to_disk
 from lightning_mka.export import write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
 from lightning_mka.harness import LOCAL_MMLU, check_task_names, local_mmlu_questions, mmlu_task, require_lm_eval, run_harness, task_metrics
-from lightning_mka.signals import set_phase
+from lightning_mka.signals import process_temp_dir, set_phase
 
 
 class LMEvalCallback(Callback):
@@ -80,7 +79,7 @@ class LMEvalCallback(Callback):
             tick = time.perf_counter()
             set_phase(f"lm-eval on the {label} model")
             rank_zero_info(f"[mka] lm-eval on the {label} model: {', '.join(self.tasks)}")
-            with tempfile.TemporaryDirectory(prefix="mka-lm-eval-") as directory:
+            with process_temp_dir("mka-lm-eval-") as directory:
                 tasks = [mmlu_task(local_mmlu_questions(self.mmlu_per_topic), directory) if t == LOCAL_MMLU else t for t in self.tasks]
                 output = run_harness(pl_module.model, trainer.datamodule.tokenizer, tasks, batch_size=self.batch_size, limit=self.limit)
             metrics = task_metrics(output)

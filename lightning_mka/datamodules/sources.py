@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import glob
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from lightning_mka.assets import asset_path
 from lightning_mka.errors import MKAError
 from lightning_mka.files import check_text_file
+from lightning_mka.signals import process_temp_dir
 from lightning_mka.text import mmlu_calibration_text, read_mmlu_jsonl, split_mmlu
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -105,6 +105,9 @@ def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
         raise MKAError(f"cannot stream hub dataset {name!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); check the name or use local files") from None
 
 
+DATASETS_TEMP_PREFIX = "mka-datasets-"  # the throw-away datasets cache of a local-file stream
+
+
 def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str]:
     """Stream the documents of ``source`` for ``role`` (``calibration`` or ``evaluation``)."""
     from lightning_mka.assets import ASSETS
@@ -125,7 +128,7 @@ def iter_texts(source: str, role: str, text_field: str = "text") -> Iterator[str
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     # Streaming local files caches nothing, but datasets still leaves a lock file per set of files in the user's cache
     # (~/.cache/huggingface/datasets): a throw-away cache dir keeps that from growing run after run.
-    with tempfile.TemporaryDirectory(prefix="mka-datasets-") as cache:
+    with process_temp_dir(DATASETS_TEMP_PREFIX) as cache:
         try:
             stream = load_dataset(builder, data_files=files, split="train", streaming=True, cache_dir=cache, **kwargs)
             for row in stream:
