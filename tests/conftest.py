@@ -15,22 +15,34 @@ from repo_guard import repository_unchanged  # noqa: F401  (autouse, session: th
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def users_caches_left_alone(tmp_path_factory):
-    """Library caches that the code under test fills by default in the user's home (matplotlib's font list, the HF
-    datasets / hub caches, pip's) go to this session's temp dir, for subprocesses too. The asset cache
-    (~/.cache/lightning_mka, filled by `make assets`) is read where it is; tests that build assets point it elsewhere."""
-    home = tmp_path_factory.mktemp("user-caches")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home / "huggingface"))
-        patch.setenv("HF_DATASETS_CACHE", str(home / "huggingface" / "datasets"))
-        patch.setenv("MPLCONFIGDIR", str(home / "matplotlib"))
-        patch.setenv("PIP_NO_CACHE_DIR", "1")
-        if "datasets" in sys.modules:  # datasets reads its cache path when imported
-            import datasets.config
+USER_CACHES = {"HF_HOME": "huggingface", "HF_DATASETS_CACHE": "huggingface/datasets", "MPLCONFIGDIR": "matplotlib"}
+_CACHES = pytest.StashKey[tuple]()  # this run's cache dir and the variables it replaced
 
-            patch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "huggingface" / "datasets")
-        yield
+
+def pytest_configure(config):
+    """Library caches that the code under test fills by default in the user's home (matplotlib's font list, the HF
+    datasets / hub caches, pip's) go to a temp dir of this run, for subprocesses too. Set here, before any test module
+    is imported: lightning imports torchmetrics, which imports matplotlib, which fixes its config dir on import. The
+    asset cache (~/.cache/lightning_mka, filled by `make assets`) is read where it is; tests that build assets point
+    it elsewhere."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="mka-test-caches-"))
+    config.stash[_CACHES] = (home, {name: os.environ.get(name) for name in [*USER_CACHES, "PIP_NO_CACHE_DIR"]})
+    os.environ.update({name: str(home / sub) for name, sub in USER_CACHES.items()}, PIP_NO_CACHE_DIR="1")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home, saved = config.stash.get(_CACHES, (None, {}))
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def cli(*args, cwd=None, env=None, timeout=600):
