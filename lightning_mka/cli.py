@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import sys
 import threading
 from typing import Any
@@ -121,6 +122,9 @@ class MKACLI(LightningCLI):
             raise
         except (MisconfigurationException, ValueError) as err:  # an accelerator that is not there, a misspelt strategy, devices: 0
             raise MKAError(f"trainer: {first_line(err)}; fix that trainer option (e.g. --trainer.accelerator, --trainer.devices, --trainer.strategy)") from None
+        note = slow_bf16_note(str(trainer.precision), trainer.strategy.root_device.type, torch.backends.cpu.get_cpu_capability(), platform.machine())
+        if note is not None:
+            rank_zero_info(note)
         # Refused here, in the launching process, before any rank starts: one line, nothing written.
         if isinstance(self.model, MKAModule):
             self.model.refuse_under_sharding(trainer.strategy)
@@ -145,6 +149,19 @@ def choose_accelerator(requested: str, cuda: bool, mps: bool) -> str:
         rank_zero_info("[mka] accelerator auto: using the CPU, not MPS (MPS has no float64, which the merge's solves need)")
         return "cpu"
     return requested
+
+
+def slow_bf16_note(precision: str, device: str, cpu_capability: str, machine: str) -> str | None:
+    """A warning for bf16 on an x86 CPU without AVX-512 (torch's capability ``AVX2`` or ``DEFAULT``): its bf16 kernels
+    are slow there (``bench/cpu_precision.py``: 21x slower than fp32 for a forward + backward on an AVX2 EPYC), so
+    the heal recipes' ``bf16-mixed`` would turn minutes into hours. None where bf16 is not slow, or not used."""
+    if device != "cpu" or not precision.startswith("bf16") or machine.lower() not in ("x86_64", "amd64"):
+        return None
+    if cpu_capability not in ("AVX2", "DEFAULT"):
+        return None
+    return (f"[mka] trainer.precision {precision} on this CPU (torch's CPU capability {cpu_capability}: no AVX-512) runs "
+            "bf16 on slow kernels, about 20x slower than fp32 (python bench/cpu_precision.py measures it); use "
+            "--trainer.precision 32 unless you need bf16 here")
 
 
 TRAINER_DEFAULTS = {

@@ -182,6 +182,40 @@ def test_mps_is_never_chosen_for_float64_solves(tmp_path, tiny_model_dir):
     assert list(run_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("precision, device, capability, machine, warned", [
+    ("bf16-mixed", "cpu", "AVX2", "x86_64", True),     # the heal recipes on an AVX2-only CPU: ~20x slower than fp32
+    ("bf16-true", "cpu", "DEFAULT", "AMD64", True),
+    ("bf16-mixed", "cpu", "AVX512", "x86_64", False),  # AVX512-BF16 / AMX machines report AVX512: bf16 pays off
+    ("bf16-mixed", "cuda", "AVX2", "x86_64", False),   # the host CPU does not run the matmuls
+    ("32-true", "cpu", "AVX2", "x86_64", False),
+    ("bf16-mixed", "cpu", "DEFAULT", "aarch64", False),
+])
+def test_bf16_on_a_cpu_without_avx512_gets_a_note_with_the_fix(precision, device, capability, machine, warned):
+    from lightning_mka.cli import slow_bf16_note
+
+    note = slow_bf16_note(precision, device, capability, machine)
+    assert (note is not None) == warned
+    if warned:
+        assert len(note.splitlines()) == 1 and precision in note and "--trainer.precision 32" in note
+
+
+def test_the_cli_warns_of_bf16_on_this_kind_of_cpu(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout, monkeypatch):
+    """The trainer's real precision and device reach the check: bf16-mixed on a CPU reported as AVX2 warns; fp32 does not."""
+    import torch
+    from conftest import write_config
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    said = []  # Lightning's info logger writes to the stderr it found at import, which cli_in_process cannot capture
+    monkeypatch.setattr("lightning_mka.cli.rank_zero_info", said.append)
+    for precision, warned in (("bf16-mixed", True), ("32-true", False)):
+        said.clear()
+        config = write_config(tmp_path / f"{precision}.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / f"export-{precision}")
+        proc = cli_in_process("validate", "--config", str(config), "--trainer.precision", precision, "--trainer.accelerator", "cpu", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert any("--trainer.precision 32 unless you need bf16" in line for line in said) == warned, (precision, said)
+
+
 def test_a_trainer_option_that_cannot_work_is_one_line(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
     from conftest import write_config
 
