@@ -8,6 +8,7 @@ so the ratio holds on a noisy machine. bf16 pays off with AVX512-BF16 / AMX; wit
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
+    for option, value in (("--tokens", args.tokens), ("--steps", args.steps)):
+        if value < 1:
+            sys.exit(f"error: {option} {value} must be >= 1; e.g. {option} {parser.get_default(option[2:])}")
     torch.manual_seed(0)
     model = load_model("smollm2-135m").train()
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens))
