@@ -9,6 +9,8 @@ Faults, comma-separated ``key=value`` (one fault per run):
   merge=<k>                 right after merge k is saved to the progress file, send ``signal``
   signal=KILL|TERM|INT      the signal (default KILL)
   rank=<r>                  only in DDP rank r (default: every process)
+  stall=<s>                 with rank=: the other ranks sleep <s> seconds at the same point instead (busy, outside
+                            any collective, as when rank 0 computes longer than its peer)
   write=<text>, errno=ENOSPC|EROFS
                             every write to a path containing <text> fails with that error (the disk is full / the
                             file system read-only from then on), through Python ``open``/``os.open`` and safetensors
@@ -23,6 +25,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +39,9 @@ def fire(fault: dict) -> None:
     if fault.get("fired"):
         return
     fault["fired"] = "1"
+    if fault.get("action") == "stall":
+        time.sleep(float(fault["stall"]))
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), getattr(signal, "SIG" + fault.get("signal", "KILL")))
@@ -44,7 +50,9 @@ def fire(fault: dict) -> None:
 def install(fault: dict) -> None:
     rank = os.environ.get("LOCAL_RANK", "0")
     if "rank" in fault and fault["rank"] != rank:
-        return
+        if "stall" not in fault:
+            return
+        fault["action"] = "stall"
     if "phase" in fault:
         from lightning_mka import progress
 

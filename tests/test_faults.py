@@ -326,6 +326,20 @@ def test_a_stop_of_ddp_ranks_is_one_line_and_the_stop_status(ranks, tmp_path, ti
     assert errors[0].startswith(expected) and "1 finished merge(s) saved in" in errors[0], errors[0]
 
 
+
+def test_a_rank_stopped_while_rank_0_computes_is_still_one_line_and_the_stop_status(tmp_path, tiny_model_dir, tiny_corpus, tiny_heldout):
+    """Rank 0 busy outside any collective (8 s, longer than the 5 s period of Lightning's own child-process observer)
+    when rank 1 alone is stopped: rank 0 reports the stop in one line and exits 143. Lightning's observer would
+    SIGKILL rank 0 at its next look (exit -9, no line, nothing reported); the peer watch replaces it."""
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, tiny_corpus, tiny_heldout, tmp_path / "export")
+    proc = cli(config, tmp_path, "phase=merge 2,signal=TERM,rank=1,stall=8", "--trainer.strategy=ddp", "--trainer.devices=2",
+               "--trainer.accelerator=cpu", timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: DDP rank 1 (pid "), proc.stderr[-3000:]
+    assert "(stopped by SIGTERM) during merge 2" in errors[0] and "1 finished merge(s) saved in" in errors[0], errors[0]
+    assert "Forcefully terminating" not in proc.stderr, proc.stderr[-3000:]
+
 WATCH_SCRIPT = """
 import subprocess, sys, time
 from lightning_mka import signals

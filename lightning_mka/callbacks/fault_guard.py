@@ -6,12 +6,27 @@ Thin: the logic is in ``lightning_mka.signals``. The CLI adds it to every traine
 from __future__ import annotations
 
 import os
+import threading
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mka import signals
+
+
+def _retire_lightning_observer() -> None:
+    """Lightning's launcher watches the ranks it started with a thread that SIGKILLs rank 0 within 5 s of any rank
+    exiting non-zero: rank 0 then dies without its one line (exit -9), even mid-clean-up after a clean stop (143).
+    The peer watch does that job (a line, then the right exit status), so the observer is handed no children to
+    watch and ends at its next look. (Private API: if Lightning renames it, the fault tests catch the SIGKILL.)"""
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver) and hasattr(thread, "_child_processes"):
+            thread._child_processes = []
 
 
 class FaultGuard(Callback):
@@ -33,6 +48,8 @@ class FaultGuard(Callback):
             launcher = trainer.strategy.launcher
             procs = getattr(launcher, "procs", []) if trainer.global_rank == 0 else []
             self._watch = signals.PeerWatch(trainer.global_rank, procs).start()
+            if procs:
+                _retire_lightning_observer()
 
     def _take_signals(self) -> None:
         # Lightning installed its SIGTERM handler after setup; ours stops wherever the run is.
