@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_mka.errors import MKAError
-from lightning_mka.signals import clean_stale_temps
+from lightning_mka.signals import process_temp_dir
 
 EXECUTIONS = ("whole", "layerwise")
 SCRATCH_PREFIX = "mka-offload-"  # scratch dirs of merged layers under offload: disk: mka-offload-pid<N>-...
@@ -488,15 +486,12 @@ class LayerwiseExecutor(WholeExecutor):
         if any(owner._parameters[n].device.type == "meta" for owner, n in params) and unit.disk is not None and unit.pins == 0:
             return  # unchanged, still on disk
         if self._scratch is None:
-            root = Path(self._scratch_root if self._scratch_root is not None else tempfile.gettempdir())
-            root.mkdir(parents=True, exist_ok=True)
-            # Named after this process, like every temp path of the tool: a run killed by SIGKILL skips __del__, and
-            # the next one removes its merged layers (a 70B layer is 1.7 GB) instead of leaving them forever.
-            clean_stale_temps(root, SCRATCH_PREFIX)
-            self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}pid{os.getpid()}-", dir=root)
-            # Removed when the executor is collected or, at the latest, when the interpreter exits (the executor and
-            # its model refer to each other, so collection may never come before the exit).
-            self._remove_scratch = weakref.finalize(self, shutil.rmtree, self._scratch, True)
+            # Named after this process, like every temp path of the tool: a run killed by SIGKILL skips every clean-up,
+            # and the next one removes its merged layers (a 70B layer is 1.7 GB) instead of leaving them forever. Removed
+            # by close(), when the executor is collected or, at the latest, at exit (the executor and its model refer
+            # to each other, so collection may never come before the exit).
+            self._scratch_dir = process_temp_dir(SCRATCH_PREFIX, self._scratch_root, fix="set offload_dir to a writable directory with room for the merged layers")
+            self._scratch = self._scratch_dir.name
         self._spilled += 1
         path = Path(self._scratch) / f"layer-{self._spilled:04d}.safetensors"
         keys = [f"{i}.{n}" for i, (_o, n) in enumerate(params)]
@@ -563,9 +558,9 @@ class LayerwiseExecutor(WholeExecutor):
 
     def close(self) -> None:
         """Remove the scratch directory of spilled layers now (the model must not read them any more)."""
-        finalizer = getattr(self, "_remove_scratch", None)
-        if finalizer is not None:
-            finalizer()
+        scratch = getattr(self, "_scratch_dir", None)
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def _unit_of(module: nn.Module) -> _Unit | None:

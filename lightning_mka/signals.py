@@ -376,18 +376,21 @@ def stale_owner_alive(name: str) -> bool:
     return True
 
 
-def process_temp_dir(prefix: str):
-    """A ``tempfile.TemporaryDirectory`` in ``$TMPDIR`` named after this process (``<prefix>pid<N>-...``), made after
-    removing those of dead processes (a SIGKILL skips the ``with`` block's clean-up). One line if there is no usable
-    temp dir, instead of the traceback ``tempfile`` gives."""
+def process_temp_dir(prefix: str, dir: str | os.PathLike | None = None, fix: str = "set TMPDIR to a writable directory"):
+    """A ``tempfile.TemporaryDirectory`` in ``dir`` (made if missing; default ``$TMPDIR``) named after this process
+    (``<prefix>pid<N>-...``), made after removing those of dead processes (a SIGKILL skips every clean-up, the
+    ``with`` block's and the finalizer's). Removed by ``cleanup()``, when collected, or at exit. One line naming ``fix``
+    if the directory cannot be made, instead of the traceback ``tempfile`` gives."""
     import tempfile
 
     try:
-        root = Path(tempfile.gettempdir())
+        root = Path(tempfile.gettempdir() if dir is None else dir)
+        if dir is not None:  # a directory the user named is made; a missing $TMPDIR is an error to report
+            root.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(root, prefix)
         return tempfile.TemporaryDirectory(prefix=f"{prefix}pid{os.getpid()}-", dir=root)
     except OSError as err:
-        raise MKAError(f"cannot make a temp dir ({first_line(err, 160)}); set TMPDIR to a writable directory") from None
+        raise MKAError(f"cannot make a temp dir ({first_line(err, 160)}); {fix}") from None
 
 
 def clean_stale_temps(parent: Path, prefix: str) -> list[Path]:

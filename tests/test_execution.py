@@ -151,6 +151,15 @@ def test_disk_offload_scratch_names_its_process_and_removes_a_killed_runs(tmp_pa
     assert not killed.exists() and live.exists()
     own = [p.name for p in scratch.iterdir() if p != live]
     assert len(own) == 1 and own[0].startswith(f"mka-offload-pid{os.getpid()}-")
+    executor.close()  # the run's own scratch goes with it, a live run's stays
+    assert list(scratch.iterdir()) == [live]
+    (tmp_path / "a-file").write_text("")
+    blocked = load_model_executed(str(tmp_path / "tiny-llama"), execution="layerwise", offload="disk", offload_dir=str(tmp_path / "a-file" / "scratch"))
+    layer = decoder_stack(blocked)[1][1]
+    with pytest.raises(MKAError) as err, executor_of(blocked).materialized(layer):
+        executor_of(blocked).spill(layer)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "a-file" in message and "set offload_dir to a writable directory" in message, message
 
 
 def test_mmlu_scoring_is_routed(tmp_path):

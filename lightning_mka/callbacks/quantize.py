@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from lightning_mka.errors import MKAError
 from lightning_mka.execution import executor_of
 from lightning_mka.export import check_export_dir, export_pretrained, models_read_by, write_json_atomic
 from lightning_mka.fsdp import is_sharded, sharding_name
-from lightning_mka.signals import clean_stale_temps, set_phase
+from lightning_mka.signals import process_temp_dir, set_phase
 from lightning_mka.quantization import check_quant_mode, check_quantizable, directory_bytes, load_quantized, require_bitsandbytes, weight_bytes
 from lightning_mka.surgery import num_layers
 
@@ -151,19 +148,18 @@ class QuantizeCallback(Callback):
         device = trainer.strategy.root_device
         device_map = "cpu" if device.type == "cpu" else {"": str(device)}
         compute_dtype = next(pl_module.model.parameters()).dtype
-        temp = None
+        temp = temp_dir = None
         try:
             if merged_export is None or not Path(merged_export, "config.json").exists():
                 # Quantize from float weights on disk: save the in-memory model to a temporary directory in the run
                 # dir (rank 0), named after this process like every temp path of the tool, so a run killed by SIGKILL
                 # (which skips the clean-up below) has its copy removed by the next run in that dir.
                 if merge is not None and merge.export_dir is not None and not merge._finished and self.export_dir is None:
-                    rank_zero_warn(f"QuantizeCallback: the MergeCallback wrote no export in this run (nothing merged), so there is no path to name "
+                    rank_zero_warn("QuantizeCallback: the MergeCallback wrote no export in this run (nothing merged), so there is no path to name "
                                    "the quantized exports after; they are measured, not exported (set QuantizeCallback export_dir to export them)")
                 if trainer.is_global_zero:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    clean_stale_temps(out_dir, QUANTIZE_TEMP_PREFIX)
-                    temp = Path(tempfile.mkdtemp(prefix=f"{QUANTIZE_TEMP_PREFIX}pid{os.getpid()}-", dir=out_dir))
+                    temp_dir = process_temp_dir(QUANTIZE_TEMP_PREFIX, out_dir, fix="choose a writable run dir (--trainer.default_root_dir)")
+                    temp = Path(temp_dir.name)
                 temp = trainer.strategy.broadcast(temp, src=0)
                 if trainer.is_global_zero:
                     try:
@@ -199,8 +195,8 @@ class QuantizeCallback(Callback):
                 rank_zero_info(f"[mka] {mode}: {entry.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk, {entry['bytes_in_memory'] / 1e6:.1f} MB in memory, "
                                + ", ".join(f"{k}={v:.3f}" for k, v in entry.get("metrics", {}).items() if k.endswith("_ppl")))
         finally:
-            if temp is not None and trainer.is_global_zero:
-                shutil.rmtree(temp, ignore_errors=True)
+            if temp_dir is not None:
+                temp_dir.cleanup()
         self.results = results
         self._layers = num_layers(pl_module.model)
         if trainer.is_global_zero:
