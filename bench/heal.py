@@ -88,14 +88,17 @@ def cmd_starts(args) -> None:
         print(f"angular256 k={k}: drop {remove}", flush=True)
     if args.only == "angular256":
         return
-    if args.only == "ours256":
+    if args.only in ("ours256", "norefit256"):
         # ours256 = NPIB + parallel_pruned (with its refit, as compare_methods' variant) calibrated on the same 256
         # sequences as angular256's block choice (bench/block_choice.md: 35.21 / 98.78 at k = 9 before healing, against
-        # 44.09 / 140.7 on 16). About 24 min and 18 GB on 2 CPU cores (every layer's cached input).
+        # 44.09 / 140.7 on 16); norefit256 = the same without the least-squares refit (the merge the merge + distill
+        # recipe ships, whose start heals better than the refit's). About 24 min and 18 GB on 2 CPU cores (every
+        # layer's cached input).
         from compare_methods import mka_config as variant_config
         from lightning_mka.datamodules import CalibrationDataModule
 
-        pool = 256
+        pool, start = 256, args.only
+        variant = "mka-parallel-pruned" if start == "ours256" else "mka-parallel-pruned-norefit"
         data = CalibrationDataModule(tokenizer="smollm2-135m", calibration="wiki", calibration_samples=pool, seq_len=SEQ, batch_size=BATCH,
                                      eval_texts=["wiki", "lee"], eval_samples=8)
         data.prepare_data()
@@ -103,16 +106,16 @@ def cmd_starts(args) -> None:
         assert len(data.calibration_ids) == pool
         held = heldaside_ids(data.tokenizer, 8, SEQ)  # the probes' held-aside text stays outside the calibration
         assert not any(torch.equal(a, b) for a in held for b in data.calibration_ids)
-        todo = [k for k in sorted(args.ks) if not start_dir("ours256", k).exists()]
+        todo = [k for k in sorted(args.ks) if not start_dir(start, k).exists()]
         if todo:
             model = load_model("smollm2-135m")
-            merger = LayerMerger(model, variant_config("mka-parallel-pruned", pool), lambda: iter(data.calibration_dataloader()), torch.full((pool,), SEQ))
+            merger = LayerMerger(model, variant_config(variant, pool), lambda: iter(data.calibration_dataloader()), torch.full((pool,), SEQ))
             tick = time.perf_counter()
             for k in todo:
                 merger.merge_to(30 - k)
                 plan = [s.to_json() for s in merger.plan]
-                export_pretrained(model, tokenizer, start_dir("ours256", k), extra_files={"mka_merge_plan.json": {"steps": plan}})
-                print(f"ours256 k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
+                export_pretrained(model, tokenizer, start_dir(start, k), extra_files={"mka_merge_plan.json": {"steps": plan}})
+                print(f"{start} k={k}: {[s['pair_original'] for s in plan]} ({time.perf_counter() - tick:.0f} s)", flush=True)
         return
     rows = compare_rows()
     for k in args.ks:
@@ -373,7 +376,8 @@ def cmd_run(args) -> None:
 # ---- report -----------------------------------------------------------------------------------------------------
 
 LABELS = {"ours": "ours: NPIB + parallel_pruned", "norefit": "NPIB + parallel_pruned without refit", "paper": "paper: NPIB + average", "shortgpt": "ShortGPT",
-          "angular": "angular", "angular256": "angular, block chosen on 256 sequences", "ours256": "ours: NPIB + parallel_pruned, calibrated on 256 sequences", "replaceme": "ReplaceMe", "tail": "tail",
+          "angular": "angular", "angular256": "angular, block chosen on 256 sequences", "ours256": "ours: NPIB + parallel_pruned, calibrated on 256 sequences",
+          "norefit256": "NPIB + parallel_pruned without refit, calibrated on 256 sequences", "replaceme": "ReplaceMe", "tail": "tail",
           "npibdrop": "NPIB groups, dropped (first layer of each kept)",
           "blockmerge": "ShortGPT's layers, merged (ours, no refit) into the nearest kept layer", "dense": "dense fine-tuned (control)"}
 
@@ -487,7 +491,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     starts = sub.add_parser("starts")
     starts.add_argument("--ks", nargs="+", type=int, default=[9, 6])
-    starts.add_argument("--only", choices=["angular256", "ours256"], default=None, help="build only this start")
+    starts.add_argument("--only", choices=["angular256", "ours256", "norefit256"], default=None, help="build only this start")
     run = sub.add_parser("run")
     run.add_argument("--start", required=True, choices=sorted(LABELS))
     run.add_argument("--k", type=int, default=9)

@@ -21,6 +21,7 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
                                # 16: angular's k = 9 block chosen on 256 calibration sequences, healed with the k = 9 recipe
                                # 17: ours calibrated on the same 256 sequences (ours256), healed with the k = 9 recipe
                                # 17b: stage 17's probe in fp32 (bf16-mixed is ~23x slower on CPUs without AVX-512)
+                               # 18: ours without refit calibrated on 256 sequences (norefit256), its probe in fp32
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
@@ -98,6 +99,19 @@ if [[ $STAGE == 17b ]]; then
   # it calls for ShortGPT's probe in fp32 before any change.
   run probe100k-ours256-k9-$S7_TAG-b2-0.95-fp32 --heldaside 8 --start ours256 --k 9 $S7 --adam-beta2 0.95 --precision 32 $C
   echo "$(date -u +%T) stage 17b done"
+  exit 0
+fi
+if [[ $STAGE == 18 ]]; then
+  # The lever stage 17 left: the merge the merge + distill recipe ships (no refit: its start healed better than the
+  # refit's at k = 6 and 9) with NPIB's pairs chosen on the 256 calibration sequences of ours256 / angular256 instead of
+  # 16. Its probe in fp32 (this CPU), the k = 9 recipe's settings otherwise. Rule, written before it ran (2026-12-02):
+  # as stage 17b's, it chooses nothing on its own: ending above ShortGPT's 28.54 closes this lever (ShortGPT stays the
+  # k = 9 recipe's start); ending below calls for ShortGPT's probe in fp32 before any change. It is also read against
+  # ours without refit on 16 sequences (stage 13, bf16: 29.97), which tells whether more calibration text helps the
+  # healed merge at all.
+  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only norefit256
+  run probe100k-norefit256-k9-$S7_TAG-b2-0.95-fp32 --heldaside 8 --start norefit256 --k 9 $S7 --adam-beta2 0.95 --precision 32 $C
+  echo "$(date -u +%T) stage 18 done"
   exit 0
 fi
 if [[ $STAGE == 16 ]]; then
