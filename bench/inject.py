@@ -94,7 +94,7 @@ def install(fault: dict) -> None:
                 fire(fault)
 
         MergeCallback._write_progress = write_then_fire
-    if "write" in fault or "at_write" in fault:
+    if ("write" in fault or "at_write" in fault) and fault.get("action") != "stall":  # a stalling rank only waits
         code = getattr(errno, fault.get("errno", "ENOSPC"))
         text = fault.get("write") or fault["at_write"]
         signal_instead = "at_write" in fault  # the signal arrives as this file is being written

@@ -286,13 +286,24 @@ class PeerWatch:
             if stopping:
                 if reports_stops():
                     print(f"error: {stop_message(Stopped(stopping))}", file=sys.stderr, flush=True)
-                os._exit(128 + stopping)
+                self._exit(128 + stopping)
             if peer_signal:  # that rank alone was stopped: the run stops, as after a signal to this rank
                 print(f"error: {peer_stop_line(dead, peer_signal, self.rank)}", file=sys.stderr, flush=True)
-                os._exit(128 + peer_signal)
+                self._exit(128 + peer_signal)
             print(f"error: {dead} during {_state['phase']}; rank {self.rank} stops too instead of waiting for it; "
                   f"{saved_work()}; {rerun_hint()}", file=sys.stderr, flush=True)
-            os._exit(PEER_DIED_STATUS)
+            self._exit(PEER_DIED_STATUS)
+
+    def _exit(self, status: int) -> None:
+        """Exit now. Rank 0 first ends the ranks it launched that still run (SIGKILL: they may wait in a collective
+        that never returns), so none of them is left behind to report rank 0's exit on a line of its own."""
+        for proc in self.procs:
+            try:
+                if proc.poll() is None:
+                    proc.kill()
+            except OSError:
+                pass
+        os._exit(status)
 
 
 _watches: list[PeerWatch] = []
@@ -388,7 +399,8 @@ def process_temp_dir(prefix: str, dir: str | os.PathLike | None = None, fix: str
         if dir is not None:  # a directory the user named is made; a missing $TMPDIR is an error to report
             root.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(root, prefix)
-        return tempfile.TemporaryDirectory(prefix=f"{prefix}pid{os.getpid()}-", dir=root)
+        # A clean-up that fails (an NFS dir with files still open) must not replace the error or stop being reported.
+        return tempfile.TemporaryDirectory(prefix=f"{prefix}pid{os.getpid()}-", dir=root, ignore_cleanup_errors=True)
     except OSError as err:
         raise MKAError(f"cannot make a temp dir ({first_line(err, 160)}); {fix}") from None
 

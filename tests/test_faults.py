@@ -346,7 +346,9 @@ from lightning_mka import signals
 signals.PEER_STOP_GRACE_S, signals.CLEANUP_GRACE_S = {grace}, {grace}
 signals.reset(); signals.set_phase("merge 2")
 peer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; time.sleep({sleep}); os.kill(os.getpid(), -{code}) if {code} < 0 else sys.exit({code})"])
-signals.PeerWatch(0, [peer], interval=0.1).start()
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a third rank, busy
+open("other.pid", "w").write(str(other.pid))
+signals.PeerWatch(0, [peer, other], interval=0.1).start()
 {stopping}
 time.sleep(2.0)
 print("still running", peer.poll())
@@ -365,9 +367,20 @@ def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, gra
     script = WATCH_SCRIPT.format(grace=grace, code=code, sleep=0, stopping=stopping)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(INJECT.parents[1])})  # this checkout's package
-    if expected == "running":
-        assert proc.returncode == 0 and proc.stdout.startswith("still running") and proc.stderr == "", proc.stderr
-        return
+    other = int((tmp_path / "other.pid").read_text())
+    try:
+        if expected == "running":
+            assert proc.returncode == 0 and proc.stdout.startswith("still running") and proc.stderr == "", proc.stderr
+            assert process_runs(other)
+            return
+        # Rank 0 exits: the rank still running goes with it (as Lightning's observer did), not left to say so itself.
+        deadline = time.monotonic() + 10  # a SIGKILL takes effect once the process is scheduled
+        while process_runs(other) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_runs(other)
+    finally:
+        if process_runs(other):
+            os.kill(other, signal.SIGKILL)
     status = int(expected.split()[1])
     assert proc.returncode == status and "still running" not in proc.stdout, proc.stderr
     line = proc.stderr.strip()
@@ -379,6 +392,41 @@ def test_the_peer_watch_tells_a_stopped_peer_from_a_dead_one(tmp_path, code, gra
         assert line.startswith("error: DDP rank 1 (pid ") and "was killed by SIGTERM (stopped by SIGTERM) during merge 2; rank 0 stops too;" in line
     else:
         assert line == "error: stopped by SIGTERM during merge 2; no finished merge or epoch to keep; rerun the same command to resume"
+
+
+def process_runs(pid: int) -> bool:
+    """Whether the process runs (not gone, not a zombie left for an init that does not reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_fault_guard_retires_lightnings_observer_that_would_sigkill_rank_0():
+    """Lightning's child-process observer SIGKILLs its main process at its first look after a child exits non-zero
+    (the control); once retired, it ends at that look and leaves the process alone, so the peer watch reports."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from lightning_mka.callbacks.fault_guard import _retire_lightning_observer
+
+    failed = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])  # a rank that exited non-zero
+    failed.wait()
+    ranks_0 = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        control = _ChildProcessObserver(ranks_0[0].pid, [failed], sleep_period=0.5)
+        control.start()
+        control.join(timeout=20)
+        assert ranks_0[0].wait(timeout=20) == -signal.SIGKILL  # what the observer does
+        retired = _ChildProcessObserver(ranks_0[1].pid, [failed], sleep_period=1.0)
+        retired.start()
+        _retire_lightning_observer()
+        retired.join(timeout=20)
+        assert not retired.is_alive() and ranks_0[1].poll() is None
+    finally:
+        for proc in ranks_0:
+            proc.kill()
+            proc.wait()
 
 
 def test_rank_0_passes_a_stop_on_to_the_ranks_it_launched(tmp_path):

@@ -18,8 +18,9 @@ from lightning_mka import signals
 def _retire_lightning_observer() -> None:
     """Lightning's launcher watches the ranks it started with a thread that SIGKILLs rank 0 within 5 s of any rank
     exiting non-zero: rank 0 then dies without its one line (exit -9), even mid-clean-up after a clean stop (143).
-    The peer watch does that job (a line, then the right exit status), so the observer is handed no children to
-    watch and ends at its next look. (Private API: if Lightning renames it, the fault tests catch the SIGKILL.)"""
+    The peer watches do that job (a line, the right exit status, and rank 0 ends the ranks still running), so the
+    observer is handed no children to watch and ends at its next look. (Private API: if Lightning renames it,
+    tests/test_faults.py's test of this function fails.)"""
     try:
         from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
     except ImportError:
@@ -48,12 +49,13 @@ class FaultGuard(Callback):
             launcher = trainer.strategy.launcher
             procs = getattr(launcher, "procs", []) if trainer.global_rank == 0 else []
             self._watch = signals.PeerWatch(trainer.global_rank, procs).start()
-            if procs:
-                _retire_lightning_observer()
 
     def _take_signals(self) -> None:
         # Lightning installed its SIGTERM handler after setup; ours stops wherever the run is.
         signals.install()
+        if self._watch is not None and self._watch.procs:
+            # Every rank passed setup (and started its watch) before the first hook after it: the watches take over.
+            _retire_lightning_observer()
 
     @override
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -158,7 +158,7 @@ class QuantizeCallback(Callback):
                     rank_zero_warn("QuantizeCallback: the MergeCallback wrote no export in this run (nothing merged), so there is no path to name "
                                    "the quantized exports after; they are measured, not exported (set QuantizeCallback export_dir to export them)")
                 if trainer.is_global_zero:
-                    temp_dir = process_temp_dir(QUANTIZE_TEMP_PREFIX, out_dir, fix="choose a writable run dir (--trainer.default_root_dir)")
+                    temp_dir = process_temp_dir(QUANTIZE_TEMP_PREFIX, out_dir, fix="make the run dir writable or choose another (--trainer.default_root_dir, or the logger's save_dir)")
                     temp = Path(temp_dir.name)
                 temp = trainer.strategy.broadcast(temp, src=0)
                 if trainer.is_global_zero:
