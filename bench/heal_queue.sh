@@ -25,6 +25,10 @@ STAGE="${1:-1}"                # 1: probes + first rows (session 1); 2: the matr
 LOG="${LOG:-/tmp/h12logs}"
 mkdir -p "$LOG"
 late() { [[ "$(date -u +%H:%M)" > "$STOP_AT" ]]; }
+build() {  # build ARGS...: bench/heal.py starts ARGS under the lock; the stage ends here if past STOP_AT or if it fails
+  if late; then echo "skip building ($*): past $STOP_AT"; exit 0; fi
+  flock /work/bench.lock "$PY" bench/heal.py starts "$@" || { echo "$(date -u +%T) building ($*) failed"; exit 1; }
+}
 run() {  # run NAME ARGS...
   local name=$1; shift
   if [[ -n "${SKIP:-}" && " $SKIP " == *" $name "* ]]; then echo "skip $name (done)"; return; fi
@@ -84,7 +88,7 @@ if [[ $STAGE == 17 ]]; then
   # 2x the rate, as for every start of ours). Rule, written before it ran (2026-12-01): a lower held-aside geometric
   # mean than ShortGPT's 28.54 (stage 11) takes the k = 9 recipe's start; the evaluation row runs either way and
   # chooses nothing. Building the start: about 24 min and 18 GB.
-  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only ours256
+  build --ks 9 --only ours256
   run probe100k-ours256-k9-$S7_TAG-b2-0.95 --heldaside 8 --start ours256 --k 9 $S7 --adam-beta2 0.95 $C
   run ours256-k9-kd-100k-r3-$S7_TAG-b2-0.95 --start ours256 --k 9 $S7 --adam-beta2 0.95 $C
   echo "$(date -u +%T) stage 17 done"
@@ -109,7 +113,7 @@ if [[ $STAGE == 18 ]]; then
   # k = 9 recipe's start); ending below calls for ShortGPT's probe in fp32 before any change. It is also read against
   # ours without refit on 16 sequences (stage 13, bf16: 29.97), which tells whether more calibration text helps the
   # healed merge at all.
-  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only norefit256
+  build --ks 9 --only norefit256
   run probe100k-norefit256-k9-$S7_TAG-b2-0.95-fp32 --heldaside 8 --start norefit256 --k 9 $S7 --adam-beta2 0.95 --precision 32 $C
   echo "$(date -u +%T) stage 18 done"
   exit 0
@@ -120,7 +124,7 @@ if [[ $STAGE == 16 ]]; then
   # healed with the k = 9 recipe (ShortGPT's command: stage-7 settings + beta2 0.95). Rule, written before it ran: a
   # lower held-aside geometric mean than ShortGPT's 28.54 (stage 11) takes the k = 9 recipe's start; the evaluation
   # row runs either way and chooses nothing (it fills angular's k = 9 cell with a fairly chosen block).
-  flock /work/bench.lock "$PY" bench/heal.py starts --ks 9 --only angular256  # after bench/block_choice.py wrote its JSON
+  build --ks 9 --only angular256  # after bench/block_choice.py wrote its JSON
   run probe100k-angular256-k9-$S7_TAG-b2-0.95 --heldaside 8 --start angular256 --k 9 $S7 --adam-beta2 0.95 $C
   run angular256-k9-kd-100k-r3-$S7_TAG-b2-0.95 --start angular256 --k 9 $S7 --adam-beta2 0.95 $C
   echo "$(date -u +%T) stage 16 done"
