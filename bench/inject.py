@@ -48,6 +48,11 @@ def fire(fault: dict) -> None:
 
 
 def install(fault: dict) -> None:
+    if "stall" in fault:
+        try:
+            float(fault["stall"])
+        except ValueError:
+            sys.exit(f"error: MKA_INJECT stall={fault['stall']!r} is not a number of seconds; e.g. stall=8")
     rank = os.environ.get("LOCAL_RANK", "0")
     if "rank" in fault and fault["rank"] != rank:
         if "stall" not in fault:

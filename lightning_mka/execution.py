@@ -326,7 +326,7 @@ class LayerwiseExecutor(WholeExecutor):
         self.index = index
         self._device = torch.device(device)
         self._scratch_root = scratch_dir
-        self._scratch: str | None = None
+        self._scratch_dir = None  # a TemporaryDirectory, made at the first spill
         self._spilled = 0
         self.onloads = 0  # how many unit onloads happened (tests / benchmarks)
         self.peak_onloaded = 0  # most units on the compute device at once
@@ -485,15 +485,14 @@ class LayerwiseExecutor(WholeExecutor):
         params = unit.params()
         if any(owner._parameters[n].device.type == "meta" for owner, n in params) and unit.disk is not None and unit.pins == 0:
             return  # unchanged, still on disk
-        if self._scratch is None:
+        if self._scratch_dir is None:
             # Named after this process, like every temp path of the tool: a run killed by SIGKILL skips every clean-up,
             # and the next one removes its merged layers (a 70B layer is 1.7 GB) instead of leaving them forever. Removed
             # by close(), when the executor is collected or, at the latest, at exit (the executor and its model refer
             # to each other, so collection may never come before the exit).
             self._scratch_dir = process_temp_dir(SCRATCH_PREFIX, self._scratch_root, fix="set offload_dir to a writable directory with room for the merged layers")
-            self._scratch = self._scratch_dir.name
         self._spilled += 1
-        path = Path(self._scratch) / f"layer-{self._spilled:04d}.safetensors"
+        path = Path(self._scratch_dir.name) / f"layer-{self._spilled:04d}.safetensors"
         keys = [f"{i}.{n}" for i, (_o, n) in enumerate(params)]
         tensors = [(k, owner._parameters[n].dtype, tuple(owner._parameters[n].shape), (lambda o=owner, n=n: o._parameters[n])) for k, (owner, n) in zip(keys, params)]
         write_safetensors(path, tensors)
@@ -508,7 +507,7 @@ class LayerwiseExecutor(WholeExecutor):
         # Spills no layer of the model reads any more (merged again, or merged away) are removed: a 70B run going
         # 80 -> 56 layers would otherwise keep every intermediate merge (1.7 GB each). Open handles still read them.
         live = {f for m in self.model.modules() if (u := _unit_of(m)) is not None and u.disk for index, _k, _m in u.disk.values() for f in index.files}
-        for old in Path(self._scratch).glob("layer-*.safetensors"):
+        for old in Path(self._scratch_dir.name).glob("layer-*.safetensors"):
             if old not in live:
                 old.unlink(missing_ok=True)
 
@@ -558,9 +557,8 @@ class LayerwiseExecutor(WholeExecutor):
 
     def close(self) -> None:
         """Remove the scratch directory of spilled layers now (the model must not read them any more)."""
-        scratch = getattr(self, "_scratch_dir", None)
-        if scratch is not None:
-            scratch.cleanup()
+        if self._scratch_dir is not None:
+            self._scratch_dir.cleanup()
 
 
 def _unit_of(module: nn.Module) -> _Unit | None:

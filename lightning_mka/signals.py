@@ -79,12 +79,17 @@ def note_stop(signum: int) -> None:
         _state["stopping"] = int(signum)
     if claim("forwarded"):
         for watch in list(_watches):
-            for proc in watch.procs:
-                try:
-                    if proc.poll() is None:
-                        proc.send_signal(signum)
-                except OSError:
-                    pass
+            _signal_running(watch.procs, signum)
+
+
+def _signal_running(procs, signum: int) -> None:
+    """Send ``signum`` to those of ``procs`` (the ranks rank 0 launched) that still run."""
+    for proc in procs:
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        except OSError:
+            pass
 
 
 def stopping_signal() -> int:
@@ -297,12 +302,7 @@ class PeerWatch:
     def _exit(self, status: int) -> None:
         """Exit now. Rank 0 first ends the ranks it launched that still run (SIGKILL: they may wait in a collective
         that never returns), so none of them is left behind to report rank 0's exit on a line of its own."""
-        for proc in self.procs:
-            try:
-                if proc.poll() is None:
-                    proc.kill()
-            except OSError:
-                pass
+        _signal_running(self.procs, signal.SIGKILL)
         os._exit(status)
 
 
